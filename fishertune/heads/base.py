@@ -1,0 +1,30 @@
+"""The decode-head interface and registry.
+
+A head takes the backbone's four feature maps and offers ``predict(features) -> scores`` (per-pixel
+class scores, ``B x K x h x w`` at any stride; the segmentor resizes them) and
+``losses(features, labels) -> dict[str, Tensor]`` (summed by the segmentor). Heads are registered by
+name and built from their manifest config with ``build_head``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fishertune.registry import Registry
+
+HEADS: Registry[type] = Registry("head")
+
+
+class DecodeHead(nn.Module):
+    """Base class of decode heads."""
+
+    def predict(self, features: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def losses(self, features: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def build_head(name: str, in_channels: int, num_classes: int, where: str = "", **cfg) -> DecodeHead:
+    return HEADS.get(name, where)(in_channels=in_channels, num_classes=num_classes, **cfg)
