@@ -1,0 +1,95 @@
+"""Tuning methods: the interface, the registry and how a method's config is validated.
+
+A method is a :class:`TuningMethod` subclass with a ``name``, a ``paper`` link and a pydantic
+``Config`` whose fields carry help text (PEFT style). ``apply`` decides what trains in the backbone
+(and may insert modules into it); optional hooks act before training (with data from the context,
+e.g. Fisher estimation) and after each backward pass (e.g. gradient masks). The decode head always
+trains. Adding a baseline is one module in ``baselines/`` with ``@register_method`` and one manifest
+line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from fishertune.errors import UserError
+from fishertune.registry import Registry
+
+
+class MethodConfig(BaseModel):
+    """Base of method configs: unknown fields and wrong types are rejected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+@dataclass
+class MethodContext:
+    """What a method may use besides the model: the device, the seed, and source data on demand."""
+
+    device: torch.device
+    seed: int
+    source_batches: Callable[[int], Any] | None = None  # n -> iterable of n (images, labels) batches
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class TuningMethod:
+    """Base class; subclasses set ``name``, ``paper``, ``Config`` and implement :meth:`apply`."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, cfg: MethodConfig | None = None):
+        self.cfg = cfg if cfg is not None else self.Config()
+
+    def apply(self, segmentor: torch.nn.Module, ctx: MethodContext) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def before_training(self, segmentor: torch.nn.Module, ctx: MethodContext) -> None:
+        """Runs once after :meth:`apply`, before the first step (e.g. Fisher estimation)."""
+
+    def after_backward(self, segmentor: torch.nn.Module, iteration: int) -> None:
+        """Runs after every backward pass, before the optimizer step (e.g. gradient masks)."""
+
+    def trainable_backbone_params(self, segmentor: torch.nn.Module) -> int:
+        """The paper's "Trainable Params" column: what trains on the backbone side."""
+        return sum(p.numel() for p in segmentor.backbone.parameters() if p.requires_grad)
+
+
+METHODS: Registry[type[TuningMethod]] = Registry("method")
+
+
+def register_method(cls: type[TuningMethod]) -> type[TuningMethod]:
+    """Class decorator: register a method under its ``name``."""
+    METHODS.register(cls.name, cls)
+    return cls
+
+
+def _load_baselines() -> None:
+    import baselines  # noqa: F401  (importing registers every baseline)
+
+
+def method_class(name: str, where: str = "") -> type[TuningMethod]:
+    _load_baselines()
+    return METHODS.get(name, where)
+
+
+def build_method(name: str, config: dict[str, Any] | None = None, where: str = "") -> TuningMethod:
+    """Instantiate ``name`` with a validated config; bad fields are a one-line user error."""
+    cls = method_class(name, where)
+    try:
+        cfg = cls.Config(**(config or {}))
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"{where}: method {name!r} config field {loc!r}: {err['msg']}") from None
+    return cls(cfg)
+
+
+def registered_methods() -> list[str]:
+    _load_baselines()
+    return METHODS.names()
