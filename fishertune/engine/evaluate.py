@@ -1,0 +1,85 @@
+"""Evaluation as in Rein's configs (DESIGN section 4).
+
+Each target image is resized keeping its aspect ratio to fit the target's test size (mmseg
+``Resize(keep_ratio=True)``), normalised, and predicted by a sliding window (``crop`` x ``crop``,
+``stride``; windows batched; a window that overhangs a small image is zero-padded and its padding
+cut from the logits); overlapping logits are averaged, resized bilinearly to the label's size and
+arg-maxed. One confusion matrix accumulates over the whole target set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fishertune.data import NUM_CLASSES, TestResize, to_tensor
+from fishertune.engine.metrics import confusion_matrix, iou_per_class, mean_iou
+from fishertune.progress import bar
+
+
+def window_origins(length: int, crop: int, stride: int) -> list[int]:
+    """Window starts along one axis, mmseg's slide rule: the last window is flush with the edge."""
+    n = max(math.ceil((length - crop) / stride), 0) + 1
+    return sorted({max(min(i * stride, length - crop), 0) for i in range(n)})
+
+
+@torch.no_grad()
+def slide_logits(model: torch.nn.Module, image: torch.Tensor, num_classes: int, crop: int, stride: int,
+                 batch: int) -> torch.Tensor:
+    """Averaged window logits for one normalised image ``1 x 3 x H x W`` -> ``1 x K x H x W``."""
+    _, _, h, w = image.shape
+    boxes = [(y, x) for y in window_origins(h, crop, stride) for x in window_origins(w, crop, stride)]
+    logits = image.new_zeros((1, num_classes, h, w))
+    count = image.new_zeros((1, 1, h, w))
+    for start in range(0, len(boxes), batch):
+        chunk = boxes[start : start + batch]
+        windows = []
+        for y, x in chunk:
+            win = image[:, :, y : y + crop, x : x + crop]
+            pad_h, pad_w = crop - win.shape[-2], crop - win.shape[-1]
+            windows.append(F.pad(win, (0, pad_w, 0, pad_h)) if pad_h or pad_w else win)
+        out = model(torch.cat(windows)).float()
+        for (y, x), win_logits in zip(chunk, out):
+            hh, ww = min(crop, h - y), min(crop, w - x)
+            logits[0, :, y : y + hh, x : x + ww] += win_logits[:, :hh, :ww]
+            count[0, :, y : y + hh, x : x + ww] += 1
+    return logits / count
+
+
+@dataclass
+class TargetResult:
+    """Outcome on one target set: confusion matrix, IoU per class (0..1, NaN if absent), mIoU."""
+
+    confusion: np.ndarray
+    num_images: int
+
+    @property
+    def iou(self) -> np.ndarray:
+        return iou_per_class(self.confusion)
+
+    @property
+    def miou(self) -> float:
+        return mean_iou(self.iou)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, test_size: tuple[int, int], crop: int, stride: int, batch: int,
+             device: torch.device, desc: str = "eval", num_classes: int = NUM_CLASSES) -> TargetResult:
+    """Evaluate ``model`` on every image of ``dataset`` (a reader returning image and label)."""
+    was_training = model.training
+    model.eval()
+    resize = TestResize(test_size)
+    confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64)
+    for i in bar(range(len(dataset)), desc=desc, unit="img"):
+        sample = dataset[i]
+        image = to_tensor(resize(sample["image"])).unsqueeze(0).to(device)
+        logits = slide_logits(model, image, num_classes, crop, stride, batch)
+        label = torch.from_numpy(np.asarray(sample["label"]))
+        logits = F.interpolate(logits, size=tuple(label.shape), mode="bilinear", align_corners=False)
+        confusion += confusion_matrix(logits.argmax(1)[0].cpu(), label, num_classes)
+    model.train(was_training)
+    return TargetResult(confusion=confusion.numpy(), num_images=len(dataset))

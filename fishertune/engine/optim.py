@@ -1,0 +1,59 @@
+"""AdamW with Rein's parameter groups, and the poly learning-rate schedule.
+
+Rein (mmseg ``paramwise_cfg``): weight decay 0.05 except on normalisation layers, position/level/query
+embeddings, learnable tokens and scales, which get none. Biases decay (mmseg's default). The
+schedule is mmseg's ``PolyLR(power=0.9, eta_min=0)`` over the run's iterations, no warm-up unless
+asked for (linear, from 1e-6 of the base rate).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: substrings of parameter names that never decay (Rein's custom_keys, plus timm's names for them)
+NO_DECAY_KEYS = ("norm", "pos_embed", "cls_token", "reg_token", "mask_token", "level_embed", "query_embed",
+                 "query_feat", "tokens", "scale", "gamma")
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    names = set()
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)
+    for mod_name, module in model.named_modules():
+        if isinstance(module, norm_types):
+            names.update(f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters(recurse=False))
+    for name, _ in model.named_parameters():
+        if any(key in name for key in NO_DECAY_KEYS):
+            names.add(name)
+    return names
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups of trainable parameters: with and without weight decay."""
+    no_decay = _no_decay_names(model)
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if name in no_decay else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": plain, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+    groups = [g for g in param_groups(model, weight_decay) if g["params"]]
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def poly_factor(iteration: int, total: int, power: float = 0.9, warmup: int = 0) -> float:
+    """Learning-rate multiplier at ``iteration`` (0-based) of ``total``."""
+    factor = (1.0 - min(iteration, total) / total) ** power
+    if warmup and iteration < warmup:
+        factor *= 1e-6 + (1.0 - 1e-6) * iteration / warmup
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total: int, power: float, warmup: int = 0):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: poly_factor(it, total, power, warmup))

@@ -1,0 +1,56 @@
+"""Sliding-window evaluation, the poly schedule and the optimizer's parameter groups."""
+
+import pytest
+import torch
+from torch import nn
+
+from fishertune.engine.evaluate import slide_logits, window_origins
+from fishertune.engine.optim import param_groups, poly_factor
+
+
+@pytest.mark.parametrize("length,crop,stride,expected", [
+    (512, 512, 341, [0]),
+    (1024, 512, 341, [0, 341, 512]),
+    (720, 512, 341, [0, 208]),
+    (300, 512, 341, [0]),  # smaller than the window: one padded window
+])
+def test_window_origins_follow_mmseg(length, crop, stride, expected):
+    assert window_origins(length, crop, stride) == expected
+
+
+def test_sliding_window_of_a_pointwise_model_equals_the_whole_image():
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 5, 1)  # pointwise: every window sees the same thing the whole image does
+    image = torch.randn(1, 3, 90, 160)
+    with torch.no_grad():
+        whole = model(image)
+    for batch in (1, 3):
+        out = slide_logits(model, image, 5, crop=64, stride=43, batch=batch)
+        torch.testing.assert_close(out, whole)
+    # an image smaller than the window is padded and cropped back
+    small = torch.randn(1, 3, 40, 50)
+    torch.testing.assert_close(slide_logits(model, small, 5, crop=64, stride=43, batch=2), model(small).detach())
+
+
+def test_poly_schedule():
+    assert poly_factor(0, 100) == 1.0
+    assert poly_factor(100, 100) == 0.0
+    assert poly_factor(50, 100, power=0.9) == pytest.approx(0.5 ** 0.9)
+    assert poly_factor(0, 100, warmup=10) == pytest.approx(1e-6)
+    assert poly_factor(5, 100, warmup=10) == pytest.approx((0.95 ** 0.9) * (1e-6 + (1 - 1e-6) * 0.5))
+
+
+def test_param_groups_exempt_norms_embeddings_tokens_and_scales():
+    from fishertune.backbones import build_backbone
+
+    model = build_backbone("dinov2-tiny", seed=0)
+    decay, plain = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    assert {"vit.pos_embed", "vit.cls_token", "vit.blocks.0.norm1.weight", "vit.blocks.0.ls1.gamma",
+            "vit.norm.bias"} <= plain_names
+    assert {"vit.blocks.0.attn.qkv.weight", "vit.blocks.0.mlp.fc1.weight", "vit.patch_embed.proj.weight"} <= decay_names
+    assert not plain_names & decay_names
+    assert len(plain_names) + len(decay_names) == sum(1 for _ in model.parameters())
