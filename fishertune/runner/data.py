@@ -1,0 +1,53 @@
+"""Where each data set of a manifest lives, and its readers (source train split, target val split).
+
+Real data: ``data.roots[name]`` or ``data.root/name`` or ``$FISHERTUNE_DATA/name``. The miniature is
+generated on first use into ``data.root`` or the cache (``$FISHERTUNE_CACHE``, default
+``~/.cache/fishertune``), keyed by its seed and size, and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fishertune.data import build_dataset, synthesize
+from fishertune.errors import UserError
+from fishertune.runner.manifest import Manifest
+
+DATA_ENV = "FISHERTUNE_DATA"
+CACHE_ENV = "FISHERTUNE_CACHE"
+#: (training split, evaluation split) in each data set's own naming
+SPLITS = {"gtav": ("train", None), "cityscapes": ("train", "val"), "bdd100k": ("train", "val"),
+          "mapillary": ("training", "validation"), "acdc": ("train", "val")}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fishertune").expanduser()
+
+
+def data_roots(m: Manifest, names: list[str], progress: bool = True) -> dict[str, Path]:
+    """Directory of each named data set; the miniature is synthesized here when absent."""
+    if m.data.kind == "miniature":
+        base = Path(m.data.root).expanduser() if m.data.root else (
+            cache_dir() / f"synth-seed{m.data.synth_seed}-n{m.data.synth_images}")
+        roots = synthesize(base, seed=m.data.synth_seed, images=m.data.synth_images, progress=progress)
+        return {name: Path(roots[name]) for name in names}
+    base = m.data.root or os.environ.get(DATA_ENV)
+    out = {}
+    for name in names:
+        if name in m.data.roots:
+            out[name] = Path(m.data.roots[name]).expanduser()
+        elif base:
+            out[name] = Path(base).expanduser() / name
+        else:
+            raise UserError(f"where is {name}? set {DATA_ENV} to the directory holding {name}/, or set data.root "
+                            f"or data.roots.{name} in the manifest")
+    return out
+
+
+def open_datasets(m: Manifest, progress: bool = True):
+    """The source training reader and one evaluation reader per target (checks the trees exist)."""
+    roots = data_roots(m, [m.source, *m.targets], progress)
+    source = build_dataset(m.source, roots[m.source], SPLITS[m.source][0])
+    targets = {t: build_dataset(t, roots[t], SPLITS[t][1]) for t in m.targets}
+    return source, targets

@@ -1,0 +1,292 @@
+"""YAML manifests: validated schema, defaults plus deltas, one level of ``include``, grid expansion.
+
+A manifest is merged over ``fishertune/defaults.yaml`` (the paper's protocol): first the file named
+by its ``include`` (if any; included files may not include again), then the manifest itself; nested
+mappings merge key by key, everything else replaces. The result is validated strictly: unknown keys,
+wrong types and the YAML 1.1 traps (``1e-4`` and ``yes``/``no``/``on``/``off`` read as the wrong type)
+are errors naming the file and the field. ``expand`` turns the grid (backbones x methods) into cells
+with stable ids.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fishertune.errors import UserError
+
+Pair = Annotated[list[int], Field(min_length=2, max_length=2)]
+DATASET_NAMES = ("gtav", "cityscapes", "bdd100k", "mapillary", "acdc")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataConfig(Strict):
+    kind: Literal["real", "miniature"] = Field(description="real data on disk, or the generated miniature")
+    root: str | None = Field(None, description="directory holding one folder per data set (default $FISHERTUNE_DATA)")
+    roots: dict[str, str] = Field(default_factory=dict, description="per-data-set directories, overriding root")
+    synth_seed: int = Field(0, description="miniature: seed of the scene generator")
+    synth_images: int = Field(12, ge=2, description="miniature: images per split and data set")
+
+    @field_validator("roots")
+    @classmethod
+    def _known(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if name not in DATASET_NAMES:
+                raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASET_NAMES)}")
+        return v
+
+
+class HeadConfig(Strict):
+    name: str = Field(description="decode head: light or mask2former")
+    config: dict[str, Any] = Field(default_factory=dict, description="the head's own options")
+
+
+class TrainConfig(Strict):
+    iterations: int = Field(gt=0, description="training iterations (Rein: 40000)")
+    batch_size: int = Field(gt=0, description="images per iteration (Rein: 4)")
+    crop_size: int = Field(gt=0, description="square training crop (Rein: 512)")
+    lr: float = Field(gt=0, description="AdamW learning rate (Rein: 1e-4)")
+    weight_decay: float = Field(ge=0, description="AdamW weight decay, none on norms/embeddings/tokens/scales")
+    poly_power: float = Field(gt=0, description="poly schedule power (0.9)")
+    warmup_iterations: int = Field(ge=0, description="linear warm-up iterations (Rein: 0)")
+    short_edge_range: Pair = Field(description="random short edge before cropping, [min, max]")
+    max_long_edge: int = Field(gt=0, description="cap of the long edge when rescaling")
+    cat_max_ratio: float = Field(gt=0, le=1, description="max share of one class in a crop (0.75)")
+    flip_prob: float = Field(ge=0, le=1, description="horizontal flip probability")
+    photometric: bool = Field(description="mmseg photometric distortion on/off")
+
+
+class EvalConfig(Strict):
+    crop_size: int = Field(gt=0, description="sliding-window size (512)")
+    stride: int = Field(gt=0, description="sliding-window stride (341)")
+    test_sizes: dict[str, Pair] = Field(description="per target: [long, short] bound of the ratio-keeping resize")
+
+
+class ExecutionConfig(Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(4, ge=0)
+    eval_batch: int = Field(8, gt=0)
+    log_every: int = Field(50, gt=0)
+
+
+class MethodEntry(Strict):
+    name: str = Field(description="registered method name")
+    label: str | None = Field(None, description="row label, when one method appears with several configs")
+    config: dict[str, Any] = Field(default_factory=dict, description="this row's config delta")
+
+    @property
+    def row(self) -> str:
+        return self.label or self.name
+
+
+class Manifest(Strict):
+    version: int = Field(ge=1, description="manifest version; tables refuse to mix versions")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="results go to <results>/<name>/")
+    table: str = Field(description="the table this grid fills: table1, table2, ablation, estimation")
+    description: str = ""
+    data: DataConfig
+    weights: dict[str, str] = Field(default_factory=dict)
+    pretrained: bool = True
+    backbones: list[str] = Field(min_length=1)
+    methods: list[Union[str, MethodEntry]] = Field(min_length=1)
+    method_configs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    source: str
+    targets: list[str] = Field(min_length=1)
+    aggregate: Literal["mean_over_targets"] = "mean_over_targets"
+    seed: int
+    head: HeadConfig
+    train: TrainConfig
+    eval: EvalConfig
+    execution: ExecutionConfig = ExecutionConfig()
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if v not in DATASET_NAMES:
+            raise ValueError(f"unknown data set {v!r}; known: {', '.join(DATASET_NAMES)}")
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in DATASET_NAMES or name == "gtav":
+                raise ValueError(f"unknown target {name!r}; targets are cityscapes, bdd100k, mapillary, acdc")
+        return v
+
+    def method_entries(self) -> list[MethodEntry]:
+        return [MethodEntry(name=m) if isinstance(m, str) else m for m in self.methods]
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: manifest not found; check the path (manifests live under benchmarks/)") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read manifest ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}: not valid YAML{at}: {problem}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a manifest is a YAML mapping of fields (version, name, backbones, ...), got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("test_sizes",):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def defaults() -> dict[str, Any]:
+    return yaml.safe_load(resources.files("fishertune").joinpath("defaults.yaml").read_text())
+
+
+_FLOATISH = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+_BOOLISH = {"yes", "no", "on", "off", "y", "n", "true", "false"}
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) model that owns ``loc[-1]``, for did-you-mean."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _explain(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("str", "MethodEntry", "list["))))
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    value = err.get("input")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _field_names(Manifest, loc), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; remove it or check its indentation"
+        return f"{field}: unknown field{hint}"
+    if kind == "missing":
+        return f"{field}: required field is missing; add it (see fishertune/defaults.yaml for the protocol's values)"
+    if isinstance(value, str) and _FLOATISH.match(value) and kind in ("float_type", "int_type", "float_parsing", "int_parsing"):
+        return (f"{field}: expected a number, got the string {value!r}: YAML 1.1 reads exponents without a dot "
+                f"as text; write it as {float(value)!r} or with a dot, e.g. 1.0e-4")
+    if isinstance(value, bool) and kind == "string_type":
+        return (f"{field}: expected text, got the boolean {value}: YAML 1.1 reads yes/no/on/off as booleans; "
+                f"put the value in quotes")
+    if isinstance(value, str) and value.lower() in _BOOLISH and kind == "bool_type":
+        return f"{field}: expected true or false, got the string {value!r}"
+    return f"{field}: {err['msg']} (got {value!r})" if not isinstance(value, (dict, list)) else f"{field}: {err['msg']}"
+
+
+def load_manifest(path: str | Path) -> "LoadedManifest":
+    """Read, merge and validate a manifest; any problem is a one-line :class:`UserError`."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    merged = defaults()
+    include = raw.pop("include", None)
+    if include is not None:
+        if not isinstance(include, str):
+            raise UserError(f"{path}: include: expected a file path relative to the manifest, got {include!r}")
+        inc_path = (path.parent / include).resolve()
+        inc = _read_yaml(inc_path)
+        if "include" in inc:
+            raise UserError(f"{inc_path}: include: only one level of include is allowed; merge that file into {path.name}")
+        merged = _merge(merged, inc)
+    merged = _merge(merged, raw)
+    try:
+        manifest = Manifest(**merged)
+    except ValidationError as e:
+        raise UserError(f"{path}: {_explain(e.errors()[0], merged)}") from None
+    for target in manifest.targets:
+        if target not in manifest.eval.test_sizes:
+            raise UserError(f"{path}: eval.test_sizes has no entry for target {target!r}; add `{target}: [LONG, SHORT]`")
+    return LoadedManifest(path=path, manifest=manifest)
+
+
+# ---------------------------------------------------------------------------------------------------
+# cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: a backbone x method on the manifest's protocol."""
+
+    id: str
+    backbone: str
+    method: str
+    row: str
+    method_config: dict[str, Any]
+    config: dict[str, Any]  # everything that determines the numbers; hashed into the id
+
+
+@dataclass(frozen=True)
+class LoadedManifest:
+    path: Path
+    manifest: Manifest
+
+    def cells(self) -> list[Cell]:
+        """Expand backbones x methods to cells, validating every name and method config."""
+        from fishertune.backbones import BACKBONES
+        from fishertune.tuning import build_method
+
+        m = self.manifest
+        cells = []
+        seen = set()
+        for backbone in m.backbones:
+            BACKBONES.get(backbone, f"{self.path}: backbones")
+            for entry in m.method_entries():
+                where = f"{self.path}: methods: {entry.row}"
+                delta = {**m.method_configs.get(entry.name, {}), **entry.config}
+                method = build_method(entry.name, delta, where)
+                method_config = method.cfg.model_dump(mode="json")
+                config = {
+                    "backbone": backbone,
+                    "method": entry.name,
+                    "method_config": method_config,
+                    "pretrained": m.pretrained,
+                    "head": m.head.model_dump(mode="json"),
+                    "source": m.source,
+                    "targets": list(m.targets),
+                    "aggregate": m.aggregate,
+                    "seed": m.seed,
+                    "train": m.train.model_dump(mode="json"),
+                    "eval": {**m.eval.model_dump(mode="json"),
+                             "test_sizes": {t: m.eval.test_sizes[t] for t in m.targets}},
+                    "data": {"kind": m.data.kind}
+                    | ({"synth_seed": m.data.synth_seed, "synth_images": m.data.synth_images} if m.data.kind == "miniature" else {}),
+                }
+                digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+                cell_id = f"{backbone}--{entry.row}--{m.source}--{digest}"
+                if cell_id in seen:
+                    raise UserError(f"{where}: the same cell appears twice; give one of them a different label or config")
+                seen.add(cell_id)
+                cells.append(Cell(cell_id, backbone, entry.name, entry.row, method_config, config))
+        return cells

@@ -1,0 +1,135 @@
+"""Run the cells of a manifest: build, apply the method, train, evaluate, store one JSON per cell.
+
+The runner knows nothing of any model's insides: it goes through the registries (backbones, heads,
+methods) and the engine. Cells whose result exists are skipped, so rerunning a sweep finishes it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+from fishertune.backbones import build_backbone
+from fishertune.data import CLASSES, NUM_CLASSES, TrainTransform
+from fishertune.engine.evaluate import evaluate
+from fishertune.engine.train import source_batches, train
+from fishertune.errors import UserError
+from fishertune.heads import build_head
+from fishertune.progress import bar
+from fishertune.runner.data import open_datasets
+from fishertune.runner.environment import device_name, git_state, package_versions, resolve_device
+from fishertune.runner.manifest import Cell, LoadedManifest
+from fishertune.runner.store import ResultStore
+from fishertune.segmentor import Segmentor
+from fishertune.tuning import MethodContext, build_method
+
+RESULT_SCHEMA = 1
+
+
+def select_cells(cells: list[Cell], only: list[str] | None) -> list[Cell]:
+    """Cells whose id matches one of the ``only`` glob patterns (all when none given)."""
+    if not only:
+        return cells
+    chosen = [c for c in cells if any(fnmatch.fnmatch(c.id, p) or fnmatch.fnmatch(c.row, p) for p in only)]
+    if not chosen:
+        raise UserError(f"--only {' '.join(only)} matches no cell; cells are: {', '.join(c.id for c in cells)}")
+    return chosen
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torch.device) -> dict[str, Any]:
+    """Train and evaluate one cell; return its result record (not yet written)."""
+    m = lm.manifest
+    ex = m.execution
+    started = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    backbone = build_backbone(cell.backbone, weights=m.weights.get(cell.backbone), pretrained=m.pretrained,
+                              seed=m.seed, where=f"{lm.path}: backbones", img_size=m.train.crop_size)
+    torch.manual_seed(m.seed)
+    head = build_head(m.head.name, backbone.embed_dim, NUM_CLASSES, where=f"{lm.path}: head.name", **m.head.config)
+    segmentor = Segmentor(backbone, head).to(device)
+    method = build_method(cell.method, cell.method_config, f"{lm.path}: methods")
+    transform = TrainTransform(crop_size=m.train.crop_size, short_edge_range=tuple(m.train.short_edge_range),
+                               max_long_edge=m.train.max_long_edge, cat_max_ratio=m.train.cat_max_ratio,
+                               flip_prob=m.train.flip_prob, photometric=m.train.photometric)
+    ctx = MethodContext(device=device, seed=m.seed, source_batches=lambda n: source_batches(
+        source, transform, m.seed + 1, m.train.batch_size, ex.num_workers, 0, n))
+    method.apply(segmentor, ctx)
+    segmentor.head.requires_grad_(True)
+    params = {
+        "backbone_total": sum(p.numel() for p in segmentor.backbone.parameters()),
+        "backbone_trainable": method.trainable_backbone_params(segmentor),
+        "head_total": sum(p.numel() for p in segmentor.head.parameters()),
+        "head_trainable": sum(p.numel() for p in segmentor.head.parameters() if p.requires_grad),
+    }
+    method.before_training(segmentor, ctx)
+    stats = train(segmentor, method, source, transform, iterations=m.train.iterations, batch_size=m.train.batch_size,
+                  lr=m.train.lr, weight_decay=m.train.weight_decay, poly_power=m.train.poly_power,
+                  warmup=m.train.warmup_iterations, seed=m.seed, device=device, num_workers=ex.num_workers,
+                  log_every=ex.log_every, desc=f"train {cell.backbone}/{cell.row}")
+    per_target = {}
+    for name, dataset in targets.items():
+        res = evaluate(segmentor, dataset, tuple(m.eval.test_sizes[name]), m.eval.crop_size, m.eval.stride,
+                       ex.eval_batch, device, desc=f"eval {name}")
+        iou = res.iou
+        per_target[name] = {
+            "miou": 100.0 * res.miou,
+            "per_class_iou": {c: (None if v != v else 100.0 * float(v)) for c, v in zip(CLASSES, iou)},
+            "confusion": res.confusion.tolist(),
+            "num_images": res.num_images,
+            "test_size": list(m.eval.test_sizes[name]),
+        }
+    aggregate = sum(t["miou"] for t in per_target.values()) / len(per_target)
+    return {
+        "schema": RESULT_SCHEMA,
+        "status": "done",
+        "cell_id": cell.id,
+        "manifest": {"path": str(lm.path), "name": m.name, "version": m.version, "table": m.table,
+                     "data_kind": m.data.kind},
+        "backbone": cell.backbone,
+        "method": cell.method,
+        "row": cell.row,
+        "config": cell.config,
+        "targets": per_target,
+        "aggregate": {"name": m.aggregate, "miou": aggregate},
+        "params": params,
+        "train": {"seconds": stats.seconds, "losses": stats.losses, "source_images": len(source)},
+        "wall_time_s": time.perf_counter() - started,
+        "peak_memory_mb": _peak_memory_mb(device),
+        "device": device_name(device),
+        "seed": m.seed,
+        "git": git_state(),
+        "versions": package_versions(),
+    }
+
+
+def run_manifest(lm: LoadedManifest, results: str, only: list[str] | None = None, device: str | None = None,
+                 progress: bool = True) -> list[tuple[Cell, str]]:
+    """Run every pending cell; returns ``(cell, "done" | "skipped")`` per selected cell."""
+    m = lm.manifest
+    cells = select_cells(lm.cells(), only)
+    store = ResultStore(results, m.name)
+    store.check_writable()
+    dev = resolve_device(device or m.execution.device)
+    pending = [c for c in cells if not store.done(c.id)]
+    outcome = [(c, "skipped") for c in cells if store.done(c.id)]
+    if not pending:
+        return outcome
+    source, targets = open_datasets(m, progress)  # pre-flight: every tree found before any training
+    for cell in bar(pending, desc=m.name, unit="cell", leave=True):
+        result = run_cell(lm, cell, source, targets, dev)
+        store.write(cell.id, result)
+        outcome.append((cell, "done"))
+    return outcome

@@ -1,0 +1,71 @@
+"""Results store: one JSON file per finished cell, written atomically.
+
+``<results>/<manifest name>/<cell id>.json``. A result is written to a temporary file in the same
+directory, flushed to disk and renamed into place, so a reader never sees half a file and a killed
+run leaves either the whole result or none. A cell whose result exists is done and is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from fishertune.errors import UserError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that ``path`` is always either absent, old or complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ResultStore:
+    def __init__(self, root: str | Path, manifest_name: str):
+        self.root = Path(root)
+        self.dir = self.root / manifest_name
+
+    def path(self, cell_id: str) -> Path:
+        return self.dir / f"{cell_id}.json"
+
+    def done(self, cell_id: str) -> bool:
+        return self.path(cell_id).is_file()
+
+    def write(self, cell_id: str, result: dict[str, Any]) -> Path:
+        path = self.path(cell_id)
+        atomic_write_text(path, json.dumps(result, indent=1, sort_keys=True) + "\n")
+        return path
+
+    def check_writable(self) -> None:
+        """Fail before any work when results cannot be written (exit 2, not a lost run)."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.dir, prefix=".probe-"):
+                pass
+        except OSError as e:
+            raise UserError(f"results directory {self.dir} is not writable ({e.strerror}); pass --results DIR") from None
+
+
+def iter_results(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every result JSON under ``root`` (recursively), with its path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"results directory {root} does not exist; run `fishertune run MANIFEST` first or pass --results DIR")
+    for path in sorted(root.rglob("*.json")):
+        if path.name.startswith("."):
+            continue
+        try:
+            yield path, json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not a valid result file ({e.msg} at line {e.lineno}); delete it to rerun the cell") from None

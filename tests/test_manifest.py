@@ -1,0 +1,100 @@
+"""Manifests: validation errors are one line naming file and field (exit 2); cells have stable ids."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fishertune.cli import main
+from fishertune.runner.manifest import load_manifest
+
+GOOD = """\
+version: 1
+name: t
+table: table1
+include: protocol.yaml
+backbones: [dinov2-tiny]
+methods: [full, freeze]
+"""
+PROTOCOL = """\
+data: {kind: miniature}
+train: {iterations: 3, crop_size: 64, short_edge_range: [32, 128]}
+eval: {crop_size: 64, stride: 43}
+"""
+
+
+def write(tmp_path, text, protocol=PROTOCOL, name="m.yaml"):
+    (tmp_path / "protocol.yaml").write_text(protocol)
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+BAD = [
+    ("unknown key with suggestion", GOOD + "train: {lrr: 0.1}\n", "train.lrr: unknown field; did you mean 'lr'"),
+    ("unknown top-level key", GOOD + "backbone: [x]\n", "backbone: unknown field; did you mean 'backbones'"),
+    ("YAML 1.1 exponent read as text", GOOD + "train: {lr: 1e-4}\n", "train.lr: expected a number, got the string '1e-4'"),
+    ("YAML 1.1 boolean", GOOD.replace("name: t", "name: off"), "name: expected text, got the boolean False"),
+    ("wrong type", GOOD + "train: {iterations: many}\n", "train.iterations"),
+    ("float for int", GOOD + "seed: 4.5\n", "seed"),
+    ("negative iterations", GOOD + "train: {iterations: -1}\n", "train.iterations"),
+    ("missing version", GOOD.replace("version: 1\n", ""), "version: required field is missing"),
+    ("unknown backbone", GOOD.replace("dinov2-tiny", "dinov2-tinny"), "unknown backbone 'dinov2-tinny'; did you mean 'dinov2-tiny'"),
+    ("unknown method", GOOD.replace("full, freeze", "full, frezze"), "unknown method 'frezze'; did you mean 'freeze'"),
+    ("method config field", GOOD + "method_configs: {full: {rank: 8}}\n", "method 'full' config field 'rank'"),
+    ("unknown target", GOOD + "targets: [cityscape]\n", "unknown target 'cityscape'"),
+    ("target without test size", GOOD + "targets: [acdc]\neval: {test_sizes: {cityscapes: [1, 2]}}\n", "no entry for target 'acdc'"),
+    ("test size not a pair", GOOD + "eval: {test_sizes: {cityscapes: [1024]}}\n", "eval.test_sizes.cityscapes"),
+    ("YAML syntax", GOOD + "train: {iterations: 3\n", "not valid YAML"),
+    ("not a mapping", "- a\n- b\n", "a manifest is a YAML mapping"),
+    ("bad data kind", GOOD + "data: {kind: fake}\n", "data.kind"),
+    ("duplicate cell", GOOD.replace("full, freeze", "full, full"), "the same cell appears twice"),
+]
+
+
+@pytest.mark.parametrize("case,text,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_manifest_is_one_line_exit_2(tmp_path, capsys, case, text, message):
+    path = write(tmp_path, text)
+    assert main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert str(path) in err and message in err, err
+    assert not (tmp_path / "results").exists()
+
+
+def test_two_levels_of_include_are_refused(tmp_path, capsys):
+    path = write(tmp_path, GOOD, protocol=PROTOCOL + "include: other.yaml\n")
+    assert main(["run", str(path), "--dry-run"]) == 2
+    assert "only one level of include" in capsys.readouterr().err
+
+
+def test_missing_manifest_file(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "manifest not found" in capsys.readouterr().err
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    path = write(tmp_path, GOOD + "train: {lr: 1e-4}\n")
+    proc = subprocess.run([sys.executable, "-m", "fishertune.cli", "run", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("fishertune: error:")
+
+
+def test_defaults_and_deltas_merge(tmp_path):
+    lm = load_manifest(write(tmp_path, GOOD + "train: {iterations: 7}\n"))
+    t = lm.manifest.train
+    assert t.iterations == 7  # manifest over include
+    assert t.crop_size == 64  # include over defaults
+    assert t.lr == 1e-4 and t.batch_size == 4  # defaults (the paper's protocol)
+    assert lm.manifest.eval.test_sizes["bdd100k"] == [1280, 720]
+
+
+def test_cell_ids_are_stable_and_follow_what_changes_numbers(tmp_path):
+    ids = [c.id for c in load_manifest(write(tmp_path, GOOD)).cells()]
+    assert ids == [c.id for c in load_manifest(write(tmp_path, GOOD)).cells()]
+    assert len(set(ids)) == 2 and ids[0].startswith("dinov2-tiny--full--gtav--")
+    lr = [c.id for c in load_manifest(write(tmp_path, GOOD + "train: {lr: 2.0e-4}\n")).cells()]
+    assert set(lr).isdisjoint(ids)
+    workers = [c.id for c in load_manifest(write(tmp_path, GOOD + "execution: {num_workers: 7}\n")).cells()]
+    assert workers == ids  # how a cell runs is not what it computes
