@@ -1,0 +1,155 @@
+"""The ``fishertune`` command.
+
+    fishertune run MANIFEST            train and evaluate every pending cell, then render its table
+    fishertune render TABLE            write results/tables/TABLE.md and .tex from finished cells
+    fishertune data synth --out DIR    generate the miniature data sets in the real layouts
+    fishertune data verify NAME --root DIR
+    fishertune regression write|check MANIFEST
+
+User errors (bad manifest, missing data or weights, bad labels) print one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fishertune.errors import UserError
+
+DEFAULT_RESULTS = "results/runs"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fishertune.report.tables import RENDERERS
+    from fishertune.runner.manifest import load_manifest
+    from fishertune.runner.run import run_manifest, select_cells
+
+    lm = load_manifest(args.manifest)
+    if args.dry_run:
+        for cell in select_cells(lm.cells(), args.only):
+            print(cell.id)
+        return 0
+    outcome = run_manifest(lm, args.results, only=args.only, device=args.device)
+    for cell, status in outcome:
+        print(f"{status:8s} {cell.id}")
+    table = lm.manifest.table
+    if not args.no_render and table in RENDERERS:
+        for path in RENDERERS[table](Path(args.results) / lm.manifest.name):
+            print(f"wrote {path}")
+    return 0
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from fishertune.report.tables import RENDERERS
+
+    if args.table not in RENDERERS:
+        raise UserError(f"unknown table {args.table!r}; renderable: {', '.join(RENDERERS)}")
+    for path in RENDERERS[args.table](args.results, args.out, args.manifest):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from fishertune.data import synthesize
+
+    roots = synthesize(Path(args.out), seed=args.seed, images=args.images)
+    for name, root in roots.items():
+        print(f"{name:11s} {root}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from fishertune.data import verify_dataset
+
+    report = verify_dataset(args.name, Path(args.root), split=args.split)
+    print(report.format())
+    return 0 if report.ok else 2
+
+
+def _cmd_regression(args: argparse.Namespace) -> int:
+    from fishertune.report import regression
+    from fishertune.runner.manifest import load_manifest
+
+    lm = load_manifest(args.manifest)
+    if args.action == "write":
+        print(f"wrote {regression.write(lm, args.results, args.stored)}")
+        return 0
+    problems = regression.check(lm, args.results, args.tolerance, args.stored)
+    for line in problems:
+        print(line)
+    print(f"{len(problems)} number(s) moved by more than {args.tolerance} IoU points" if problems else "no change")
+    return 1 if problems else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fishertune",
+        description="Reproduce the FisherTune (CVPR 2025) and Rein (CVPR 2024) tables: domain-generalised "
+                    "semantic segmentation with tuned vision foundation models.",
+        epilog="Start with `fishertune run benchmarks/mini/table1.yaml` (CPU, minutes).",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="train and evaluate a manifest's cells, then render its table",
+                         description="Expand MANIFEST to cells (backbone x method), run each pending cell "
+                                     "(cells with a result are skipped) and render the manifest's table.")
+    run.add_argument("manifest", help="YAML manifest, e.g. benchmarks/mini/table1.yaml")
+    run.add_argument("--results", default=DEFAULT_RESULTS, help="results root; one JSON per cell under "
+                     "RESULTS/<manifest name>/ (default: %(default)s)")
+    run.add_argument("--only", nargs="+", metavar="PATTERN", help="run only cells whose id or row matches a glob")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the manifest's execution.device")
+    run.add_argument("--dry-run", action="store_true", help="list the cell ids and exit")
+    run.add_argument("--no-render", action="store_true", help="do not render the table afterwards")
+    run.set_defaults(func=_cmd_run)
+
+    render = sub.add_parser("render", help="render a table from finished cells (Markdown and LaTeX)",
+                            description="Write TABLE.md and TABLE.tex with our numbers beside the paper's.")
+    render.add_argument("table", help="table1")
+    render.add_argument("--results", default=DEFAULT_RESULTS, help="where result JSONs are (default: %(default)s)")
+    render.add_argument("--manifest", help="use only results of this manifest name")
+    render.add_argument("--out", help="output directory (default: results/tables, or results/tables/mini "
+                        "for the miniature)")
+    render.set_defaults(func=_cmd_render)
+
+    data = sub.add_parser("data", help="synthesize or verify data sets")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    synth = dsub.add_parser("synth", help="write the miniature GTAV, Cityscapes, BDD100K, Mapillary and ACDC trees",
+                            description="Generate small data sets in the real on-disk layouts and label "
+                                        "encodings, from a procedural street-scene generator.")
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
+    synth.add_argument("--images", type=int, default=12, help="images per split and data set (default: %(default)s)")
+    synth.set_defaults(func=_cmd_synth)
+    verify = dsub.add_parser("verify", help="check a data set tree: pairs, counts, label values, sizes")
+    verify.add_argument("name", help="gtav, cityscapes, bdd100k, mapillary or acdc")
+    verify.add_argument("--root", required=True, help="the data set's directory")
+    verify.add_argument("--split", help="check one split only")
+    verify.set_defaults(func=_cmd_verify)
+    reg = sub.add_parser("regression", help="store or check a manifest's per-class IoU (CI regression)",
+                         description="write: store the per-class IoU of MANIFEST's finished cells in "
+                                     "results/regression/<name>.json; check: compare finished cells against it "
+                                     "(exit 1 when a number moved by more than --tolerance).")
+    reg.add_argument("action", choices=("write", "check"))
+    reg.add_argument("manifest", help="YAML manifest whose cells are finished")
+    reg.add_argument("--results", default=DEFAULT_RESULTS, help="results root (default: %(default)s)")
+    reg.add_argument("--stored", help="regression file (default: results/regression/<manifest name>.json)")
+    reg.add_argument("--tolerance", type=float, default=1.0, help="allowed change in IoU points (default: %(default)s)")
+    reg.set_defaults(func=_cmd_regression)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"fishertune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fishertune: interrupted; finished cells are kept, rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

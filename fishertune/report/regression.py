@@ -1,0 +1,73 @@
+"""Stored per-class IoU of a small manifest, and the check that a change did not move it.
+
+``fishertune regression write MANIFEST`` stores, for every cell of the manifest, the per-class IoU of
+each target (percent) in ``results/regression/<manifest name>.json``. ``fishertune regression check``
+compares a fresh run against it and lists every number that moved by more than the tolerance; a cell
+missing on either side is a failure too (its config, hence its id, changed: store the new numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fishertune.errors import UserError
+from fishertune.runner.manifest import LoadedManifest
+from fishertune.runner.store import ResultStore, atomic_write_text
+
+REGRESSION_DIR = Path("results") / "regression"
+
+
+def collect(lm: LoadedManifest, results: str | Path) -> dict[str, Any]:
+    """Per-class IoU of every cell of the manifest, read from its finished results."""
+    store = ResultStore(results, lm.manifest.name)
+    cells = {}
+    for cell in lm.cells():
+        path = store.path(cell.id)
+        if not path.is_file():
+            raise UserError(f"cell {cell.id} has no result under {store.dir}; run `fishertune run {lm.path}` first")
+        r = json.loads(path.read_text())
+        cells[cell.id] = {
+            "backbone": cell.backbone, "row": cell.row, "aggregate": r["aggregate"]["miou"],
+            "targets": {t: {"miou": v["miou"], "per_class_iou": v["per_class_iou"]} for t, v in r["targets"].items()},
+        }
+    return {"manifest": lm.manifest.name, "version": lm.manifest.version, "cells": cells}
+
+
+def write(lm: LoadedManifest, results: str | Path, out: str | Path | None = None) -> Path:
+    path = Path(out) if out else REGRESSION_DIR / f"{lm.manifest.name}.json"
+    atomic_write_text(path, json.dumps(collect(lm, results), indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def compare(stored: dict[str, Any], fresh: dict[str, Any], tolerance: float) -> list[str]:
+    """Every difference larger than ``tolerance`` IoU points, and every cell or class that differs in kind."""
+    problems = []
+    for cell_id in sorted(set(stored["cells"]) | set(fresh["cells"])):
+        if cell_id not in fresh["cells"]:
+            problems.append(f"{cell_id}: stored but not in this run")
+            continue
+        if cell_id not in stored["cells"]:
+            problems.append(f"{cell_id}: new cell with no stored numbers (regression write to store them)")
+            continue
+        a, b = stored["cells"][cell_id]["targets"], fresh["cells"][cell_id]["targets"]
+        for target in sorted(set(a) | set(b)):
+            if target not in a or target not in b:
+                problems.append(f"{cell_id} {target}: target present on one side only")
+                continue
+            for cls, old in a[target]["per_class_iou"].items():
+                new = b[target]["per_class_iou"].get(cls)
+                if (old is None) != (new is None):
+                    problems.append(f"{cell_id} {target} {cls}: {old} -> {new}")
+                elif old is not None and not math.isclose(old, new, abs_tol=tolerance):
+                    problems.append(f"{cell_id} {target} {cls}: {old:.2f} -> {new:.2f} ({new - old:+.2f})")
+    return problems
+
+
+def check(lm: LoadedManifest, results: str | Path, tolerance: float, stored_path: str | Path | None = None) -> list[str]:
+    path = Path(stored_path) if stored_path else REGRESSION_DIR / f"{lm.manifest.name}.json"
+    if not path.is_file():
+        raise UserError(f"no stored regression numbers at {path}; create them with `fishertune regression write {lm.path}`")
+    return compare(json.loads(path.read_text()), collect(lm, results), tolerance)

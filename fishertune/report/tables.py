@@ -1,0 +1,140 @@
+"""Render result JSONs into the paper's tables: Markdown (tabulate) and LaTeX (booktabs, pandas Styler).
+
+Table 1 is laid out like the paper: backbone, method, trainable parameters, Citys, BDD, Map, Avg.
+Every number cell reads ``ours / paper (ours - paper)``; the parameter cell ``ours / printed`` in
+millions (backbone side, the paper's column). Rows the paper lacks show ``-`` for the paper's side.
+The caption names the data set (real or the generated miniature) and the manifest version; results
+of different manifest versions or data kinds are never mixed in one table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fishertune.backbones import BACKBONES
+from fishertune.errors import UserError
+from fishertune.report.paper import inconsistent_average, paper_row
+from fishertune.runner.store import atomic_write_text, iter_results
+
+#: the paper's row order within a backbone block
+METHOD_ORDER = ("full", "freeze", "lora", "adaptformer", "vpt", "rein", "vqt", "childtune", "fishertune")
+TABLE1_TARGETS = (("cityscapes", "citys", "Citys"), ("bdd100k", "bdd", "BDD"), ("mapillary", "map", "Map"))
+DATA_KIND = {"miniature": "the generated miniature (tiny backbones, synthetic scenes; NOT comparable to the paper)",
+             "real": "the real data sets"}
+
+
+def _fmt(ours: float | None, paper: float | None, mark: str = "") -> str:
+    left = "not run" if ours is None else f"{ours:.1f}"
+    if paper is None:
+        return f"{left} / -"
+    delta = "" if ours is None else f" ({ours - paper:+.1f})"
+    return f"{left} / {paper:.1f}{mark}{delta}"
+
+
+def load_table_results(results: str | Path, table: str, manifest: str | None = None) -> list[dict[str, Any]]:
+    """Results of ``table`` under ``results``; refuses to mix manifests, versions or data kinds."""
+    found = [r for _, r in iter_results(results) if r.get("manifest", {}).get("table") == table
+             and (manifest is None or r["manifest"]["name"] == manifest)]
+    if not found:
+        which = f" from manifest {manifest!r}" if manifest else ""
+        raise UserError(f"no finished {table} cells{which} under {results}; run `fishertune run benchmarks/{table}.yaml` first")
+    kinds = {(r["manifest"]["name"], r["manifest"]["version"], r["manifest"]["data_kind"]) for r in found}
+    if len(kinds) > 1:
+        listed = ", ".join(f"{n} v{v} ({k})" for n, v, k in sorted(kinds))
+        raise UserError(f"{results} holds {table} results of several manifests or versions ({listed}); "
+                        f"pick one with --manifest NAME or point --results at one manifest's directory")
+    return found
+
+
+def _order(r: dict[str, Any], backbones: list[str]) -> tuple:
+    m = r["method"]
+    return (backbones.index(r["backbone"]), METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), r["row"])
+
+
+def table1_frame(results: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[str]]:
+    """The Table 1 frame (index: backbone, method) and its footnotes."""
+    backbones = list(dict.fromkeys(r["backbone"] for r in results))
+    rows, notes = [], []
+    for r in sorted(results, key=lambda r: _order(r, backbones)):
+        family = BACKBONES.get(r["backbone"]).family
+        paper = paper_row("table1", family, r["method"]) if r["row"] == r["method"] else None
+        params = r["params"]["backbone_trainable"] / 1e6
+        row = {"Backbone": r["backbone"], "Method": r["row"],
+               "Params (M)": f"{params:.2f} / {paper['trainable_params_m']:.2f}" if paper else f"{params:.2f} / -"}
+        for key, pkey, col in TABLE1_TARGETS:
+            ours = r["targets"].get(key, {}).get("miou")
+            row[col] = _fmt(ours, paper[pkey] if paper else None)
+        mark = ""
+        if paper and (true_mean := inconsistent_average(paper)) is not None:
+            mark = "*"
+            notes.append(f"* {paper['backbone']} {paper['method']}: the paper prints Avg {paper['avg']:.1f}, "
+                         f"but the mean of its three targets is {true_mean:.2f}.")
+        row["Avg"] = _fmt(r["aggregate"]["miou"], paper["avg"] if paper else None, mark)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index(["Backbone", "Method"]), notes
+
+
+def caption(table: str, results: list[dict[str, Any]]) -> str:
+    r = results[0]
+    man = r["manifest"]
+    data = DATA_KIND[man["data_kind"]]
+    if man["data_kind"] == "miniature":
+        cfg = r["config"]["data"]
+        data += f", synth seed {cfg['synth_seed']}, {cfg['synth_images']} images per split"
+    titles = {"table1": "GTAV -> Cityscapes, BDD100K, Mapillary; mIoU (%)"}
+    number = table.removeprefix("table")
+    name = f"Table {number}" if number.isdigit() else table.capitalize()
+    return (f"{name}: {titles.get(table, table)}, each cell ours / paper (ours - paper); "
+            f"trainable backbone parameters ours / printed. Data: {data}. Manifest {man['name']} v{man['version']}.")
+
+
+def to_markdown(df: pd.DataFrame, title: str, notes: list[str]) -> str:
+    body = _blank_repeats(df, df.index.names[0]).to_markdown(index=False, disable_numparse=True)
+    foot = "".join(f"\n{n}" for n in notes)
+    return f"{title}\n\n{body}\n{foot}\n" if notes else f"{title}\n\n{body}\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "%": r"\%", "&": r"\&", "#": r"\#", "_": r"\_", "$": r"\$",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+    return out.replace("->", r"$\rightarrow$")
+
+
+def _blank_repeats(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The paper's look: a backbone's name only on the first row of its block."""
+    flat = df.reset_index()
+    flat.loc[flat[column].duplicated(), column] = ""
+    return flat
+
+
+def to_latex(df: pd.DataFrame, title: str, notes: list[str], label: str) -> str:
+    flat = _blank_repeats(df, df.index.names[0])
+    styler = flat.style.hide(axis="index").format(latex_escape).format_index(latex_escape, axis=1)
+    text = styler.to_latex(hrules=True, caption=latex_escape(title), label=f"tab:{label}", position_float="centering")
+    if notes:
+        foot = "\n".join(r"\par\footnotesize " + latex_escape(n).replace("*", r"$^*$", 1) for n in notes)
+        text = text.replace(r"\end{table}", foot + "\n" + r"\end{table}")
+    return text
+
+
+def render_table1(results_dir: str | Path, out_dir: str | Path | None = None, manifest: str | None = None) -> list[Path]:
+    """Write ``table1.md`` and ``table1.tex``; miniature tables go to ``<out>/mini/``."""
+    results = load_table_results(results_dir, "table1", manifest)
+    df, notes = table1_frame(results)
+    title = caption("table1", results)
+    out = Path(out_dir) if out_dir else Path("results") / "tables"
+    if results[0]["manifest"]["data_kind"] == "miniature" and out_dir is None:
+        out = out / "mini"
+    md, tex = out / "table1.md", out / "table1.tex"
+    atomic_write_text(md, to_markdown(df, title, notes))
+    atomic_write_text(tex, to_latex(df, title, notes, "table1"))
+    return [md, tex]
+
+
+RENDERERS = {"table1": render_table1}
