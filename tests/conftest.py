@@ -1,0 +1,32 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fishertune.data import synthesize
+
+SYNTH_IMAGES = 6  # per split (GTAV: twice that); enough for every class to occur in every split
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """The miniature, synthesized once per test session (seed 0); tests must not modify it."""
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, seed=0, images=SYNTH_IMAGES, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_images() -> int:
+    """Images per split in :func:`synth_root`."""
+    return SYNTH_IMAGES
+
+
+@pytest.fixture(scope="session")
+def synth_counts(synth_root) -> dict[str, dict[str, int]]:
+    """Pairs per data set and split as recorded by the synthesizer in SYNTH.json."""
+    return json.loads((synth_root / "SYNTH.json").read_text())["counts"]
