@@ -83,6 +83,8 @@ def _cmd_regression(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fishertune.report.regression import DEFAULT_TOLERANCE
+
     p = argparse.ArgumentParser(
         prog="fishertune",
         description="Reproduce the FisherTune (CVPR 2025) and Rein (CVPR 2024) tables: domain-generalised "
@@ -134,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("manifest", help="YAML manifest whose cells are finished")
     reg.add_argument("--results", default=DEFAULT_RESULTS, help="results root (default: %(default)s)")
     reg.add_argument("--stored", help="regression file (default: results/regression/<manifest name>.json)")
-    reg.add_argument("--tolerance", type=float, default=1.0, help="allowed change in IoU points (default: %(default)s)")
+    reg.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                     help="allowed change in IoU points per class (default: %(default)s)")
     reg.set_defaults(func=_cmd_regression)
     return p
 

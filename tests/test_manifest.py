@@ -98,3 +98,11 @@ def test_cell_ids_are_stable_and_follow_what_changes_numbers(tmp_path):
     assert set(lr).isdisjoint(ids)
     workers = [c.id for c in load_manifest(write(tmp_path, GOOD + "execution: {num_workers: 7}\n")).cells()]
     assert workers == ids  # how a cell runs is not what it computes
+
+
+def test_data_verify_command(synth_root, tmp_path, capsys):
+    assert main(["data", "verify", "cityscapes", "--root", str(synth_root / "cityscapes")]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["data", "verify", "cityscapes", "--root", str(tmp_path / "absent")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "absent") in err

@@ -1,0 +1,135 @@
+"""The mini Table 1 end to end: manifest -> runner -> train -> evaluate -> result JSON -> table.
+
+The full mini table runs once per session (module fixture); its per-class IoU is compared with the
+numbers stored in results/regression/ by `fishertune regression write`.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fishertune.cli import main
+from fishertune.report import regression
+from fishertune.runner.manifest import load_manifest
+from fishertune.runner.run import run_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI = ROOT / "benchmarks" / "mini" / "table1.yaml"
+
+REGRESSION_TOLERANCE = regression.DEFAULT_TOLERANCE  # measured and justified where it is defined
+
+
+@pytest.fixture(scope="module")
+def mini_run(tmp_path_factory, monkeypatch_module):
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch_module.setenv("FISHERTUNE_CACHE", str(cache))
+    results = tmp_path_factory.mktemp("results")
+    lm = load_manifest(MINI)
+    outcome = run_manifest(lm, str(results), progress=False)
+    return lm, results, outcome
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_every_cell_runs_and_records_what_design_asks(mini_run):
+    lm, results, outcome = mini_run
+    assert [s for _, s in outcome] == ["done"] * len(lm.cells())
+    for cell in lm.cells():
+        r = json.loads((results / lm.manifest.name / f"{cell.id}.json").read_text())
+        assert r["status"] == "done" and r["config"] == cell.config
+        assert set(r["targets"]) == {"cityscapes", "bdd100k", "mapillary"}
+        for t in r["targets"].values():
+            assert len(t["per_class_iou"]) == 19 and len(t["confusion"]) == 19
+            assert t["num_images"] > 0
+        mean = sum(t["miou"] for t in r["targets"].values()) / 3
+        assert r["aggregate"]["miou"] == pytest.approx(mean)
+        for key in ("wall_time_s", "peak_memory_mb", "device", "seed", "git", "versions", "params"):
+            assert key in r
+        assert r["params"]["backbone_trainable"] == (0 if cell.method == "freeze" else r["params"]["backbone_total"])
+        losses = [loss for _, loss in r["train"]["losses"]]
+        assert losses[-1] < losses[0]  # it trained
+
+
+def test_trained_model_beats_chance(mini_run):
+    lm, results, _ = mini_run
+    full = next(c for c in lm.cells() if c.method == "full")
+    r = json.loads((results / lm.manifest.name / f"{full.id}.json").read_text())
+    # 19 classes: a constant or random predictor stays near 100/19/19 ~ 0.3 mIoU on these scenes
+    assert r["aggregate"]["miou"] > 5.0
+
+
+def test_rerun_skips_finished_cells(mini_run):
+    lm, results, _ = mini_run
+    outcome = run_manifest(lm, str(results), progress=False)
+    assert [s for _, s in outcome] == ["skipped"] * len(lm.cells())
+
+
+def test_per_class_iou_matches_stored_regression_numbers(mini_run):
+    lm, results, _ = mini_run
+    problems = regression.check(lm, results, REGRESSION_TOLERANCE, ROOT / "results" / "regression" / "mini-table1.json")
+    assert not problems, "\n".join(problems)
+
+
+def test_regression_check_notices_a_changed_number(mini_run, tmp_path):
+    lm, results, _ = mini_run
+    stored = regression.collect(lm, results)
+    cell = next(iter(stored["cells"].values()))
+    cell["targets"]["cityscapes"]["per_class_iou"]["road"] += REGRESSION_TOLERANCE + 0.5
+    problems = regression.compare(stored, regression.collect(lm, results), REGRESSION_TOLERANCE)
+    assert len(problems) == 1 and "cityscapes road" in problems[0]
+
+
+def test_render_writes_markdown_and_latex_naming_the_miniature(mini_run, tmp_path, capsys):
+    lm, results, _ = mini_run
+    assert main(["render", "table1", "--results", str(results), "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "table1.md").read_text()
+    tex = (tmp_path / "table1.tex").read_text()
+    assert "miniature" in md and "mini-table1 v1" in md
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"mIoU (\%)" in tex
+    for cell in lm.cells():
+        assert f"| {cell.row}" in md
+    # the table's numbers are the results' numbers
+    full = next(c for c in lm.cells() if c.method == "full")
+    r = json.loads((results / lm.manifest.name / f"{full.id}.json").read_text())
+    assert f"{r['targets']['cityscapes']['miou']:.1f} / -" in md
+
+
+def test_same_seed_gives_identical_per_class_iou(tmp_path, monkeypatch, synth_root):
+    manifest = tmp_path / "det.yaml"
+    manifest.write_text(
+        f"version: 1\nname: det\ntable: table1\ninclude: {MINI.parent / 'protocol.yaml'}\n"
+        f"backbones: [dinov2-tiny]\nmethods: [full]\ntrain: {{iterations: 25}}\n"
+        f"data: {{root: {synth_root}, synth_images: 6}}\n")
+    lm = load_manifest(manifest)
+    runs = []
+    for name in ("a", "b"):
+        run_manifest(lm, str(tmp_path / name), progress=False)
+        (path,) = (tmp_path / name / lm.manifest.name).glob("*.json")
+        runs.append(json.loads(path.read_text()))
+    for target in runs[0]["targets"]:
+        assert runs[0]["targets"][target]["per_class_iou"] == runs[1]["targets"][target]["per_class_iou"]
+        assert runs[0]["targets"][target]["confusion"] == runs[1]["targets"][target]["confusion"]
+    assert runs[0]["train"]["losses"] == runs[1]["train"]["losses"]
+
+
+def test_paper_numbers_sit_beside_ours_with_the_papers_own_inconsistency_flagged(mini_run, tmp_path, monkeypatch):
+    from fishertune.report import paper, tables
+
+    lm, results, _ = mini_run
+    # pretend our dinov2 rows are the paper's EVA02 rows, whose Full average is misprinted
+    monkeypatch.setitem(paper.PAPER_BACKBONE, "dinov2", "eva02-l")
+    df, notes = tables.table1_frame(tables.load_table_results(results, "table1"))
+    full = df.loc[("dinov2-tiny", "full")]
+    r = next(r for r in tables.load_table_results(results, "table1") if r["method"] == "full")
+    ours = r["targets"]["cityscapes"]["miou"]
+    assert full["Citys"] == f"{ours:.1f} / 62.1 ({ours - 62.1:+.1f})"
+    assert full["Params (M)"].endswith("/ 304.20")
+    assert full["Avg"].split(" / ")[1].startswith("60.9*")
+    assert len(notes) == 1 and "60.97" in notes[0]
