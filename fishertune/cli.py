@@ -59,10 +59,24 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def expected_counts(name: str, root: Path) -> dict[str, int]:
+    """The counts a tree should have: recorded by the generator for the miniature, else official."""
+    import json
+
+    from fishertune.data.verify import OFFICIAL_COUNTS
+
+    marker = root.parent / "SYNTH.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())["counts"].get(name, {})
+    return OFFICIAL_COUNTS.get(name, {})
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from fishertune.data import verify_dataset
 
-    report = verify_dataset(args.name, Path(args.root), split=args.split)
+    root = Path(args.root)
+    expected = None if args.any_count else expected_counts(args.name, root)
+    report = verify_dataset(args.name, root, split=args.split, expected=expected)
     print(report.format())
     return 0 if report.ok else 2
 
@@ -123,10 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
     synth.add_argument("--images", type=int, default=12, help="images per split and data set (default: %(default)s)")
     synth.set_defaults(func=_cmd_synth)
-    verify = dsub.add_parser("verify", help="check a data set tree: pairs, counts, label values, sizes")
+    verify = dsub.add_parser("verify", help="check a data set tree: pairs, counts, label values, sizes",
+                             description="Check a data set in its real layout: every image paired with a label, "
+                                         "pair counts (official ones, or the generator's for the miniature), label "
+                                         "values legal after mapping, image and label sizes equal. Exit 2 when the "
+                                         "tree is not usable.")
     verify.add_argument("name", help="gtav, cityscapes, bdd100k, mapillary or acdc")
     verify.add_argument("--root", required=True, help="the data set's directory")
     verify.add_argument("--split", help="check one split only")
+    verify.add_argument("--any-count", action="store_true", help="do not compare pair counts with the official "
+                        "ones (or, for the miniature, with those its generator recorded)")
     verify.set_defaults(func=_cmd_verify)
     reg = sub.add_parser("regression", help="store or check a manifest's per-class IoU (CI regression)",
                          description="write: store the per-class IoU of MANIFEST's finished cells in "

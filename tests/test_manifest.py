@@ -106,3 +106,28 @@ def test_data_verify_command(synth_root, tmp_path, capsys):
     assert main(["data", "verify", "cityscapes", "--root", str(tmp_path / "absent")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(tmp_path / "absent") in err
+
+
+def test_missing_weights_stop_the_run_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FISHERTUNE_WEIGHTS", raising=False)
+    monkeypatch.setenv("FISHERTUNE_CACHE", str(tmp_path / "cache"))
+    path = write(tmp_path, GOOD.replace("dinov2-tiny", "dinov2-l"))
+    assert main(["run", str(path), "--results", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dinov2_vitl14_pretrain.pth" in err and "FISHERTUNE_WEIGHTS" in err
+    assert not (tmp_path / "cache").exists()  # no data generated, nothing trained
+    assert not list((tmp_path / "results").rglob("*.json"))
+
+
+def test_data_verify_compares_counts(synth_root, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "synth"
+    shutil.copytree(synth_root, copy)
+    victim = sorted((copy / "bdd100k" / "images" / "10k" / "val").glob("*.jpg"))[0]
+    victim.unlink()
+    (copy / "bdd100k" / "labels" / "sem_seg" / "masks" / "val" / (victim.stem + ".png")).unlink()
+    assert main(["data", "verify", "bdd100k", "--root", str(copy / "bdd100k")]) == 2
+    out = capsys.readouterr().out
+    assert "val: 5 found, 6 expected" in out
+    assert main(["data", "verify", "bdd100k", "--root", str(copy / "bdd100k"), "--any-count"]) == 0

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from fishertune.backbones import build_backbone
+from fishertune.backbones import BACKBONES, build_backbone
+from fishertune.backbones.weights import resolve_weights
 from fishertune.data import CLASSES, NUM_CLASSES, TrainTransform
 from fishertune.engine.evaluate import evaluate
 from fishertune.engine.train import source_batches, train
@@ -127,7 +128,13 @@ def run_manifest(lm: LoadedManifest, results: str, only: list[str] | None = None
     outcome = [(c, "skipped") for c in cells if store.done(c.id)]
     if not pending:
         return outcome
-    source, targets = open_datasets(m, progress)  # pre-flight: every tree found before any training
+    # pre-flight, before any training: every weights file present, every data tree found
+    if m.pretrained:
+        for name in dict.fromkeys(c.backbone for c in pending):
+            spec = BACKBONES.get(name)
+            if spec.weights:
+                resolve_weights(spec.weights, m.weights.get(name), name)
+    source, targets = open_datasets(m, progress)
     for cell in bar(pending, desc=m.name, unit="cell", leave=True):
         result = run_cell(lm, cell, source, targets, dev)
         store.write(cell.id, result)
