@@ -92,6 +92,7 @@ def test_wrong_family_checkpoint_is_refused(tmp_path):
         load_dinov2(build_backbone("dinov2-tiny", seed=0, img_size=84, patch_size=14), path)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_truncated_file_and_pickled_code_are_refused(tmp_path):
     _, state = _official_format_tiny()
     good = tmp_path / "good.pth"

@@ -131,3 +131,10 @@ def test_data_verify_compares_counts(synth_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "val: 5 found, 6 expected" in out
     assert main(["data", "verify", "bdd100k", "--root", str(copy / "bdd100k"), "--any-count"]) == 0
+
+
+def test_manifest_knows_exactly_the_registered_data_sets():
+    from fishertune.data import DATASETS
+    from fishertune.runner.manifest import DATASET_NAMES
+
+    assert set(DATASET_NAMES) == set(DATASETS)

@@ -9,7 +9,6 @@ already hold train ids). The same readers run on the real data and on the miniat
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.utils.data import Dataset
 from fishertune.data.files import read_image, read_label
 from fishertune.data.labels import CITYSCAPES_ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES, mapillary_to_train_id
 from fishertune.errors import UserError
+from fishertune.registry import Registry
 
 #: Accepted spellings of the two splits, mapped to their canonical names.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "validation": "val"}
@@ -288,16 +288,14 @@ class ACDC(SegDataset):
                 for c in self.conditions]
 
 
-DATASETS: dict[str, type[SegDataset]] = {cls.name: cls for cls in (GTAV, Cityscapes, BDD100K, Mapillary, ACDC)}
+DATASETS: Registry[type[SegDataset]] = Registry("data set")
+for _reader in (GTAV, Cityscapes, BDD100K, Mapillary, ACDC):
+    DATASETS.register(_reader.name, _reader)
 
 
 def dataset_class(name: str) -> type[SegDataset]:
     """The reader registered as ``name``; an unknown name is a :class:`UserError` with a suggestion."""
-    if name not in DATASETS:
-        close = difflib.get_close_matches(name, DATASETS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise UserError(f"unknown data set {name!r}; {hint}known: {', '.join(DATASETS)}")
-    return DATASETS[name]
+    return DATASETS.get(name)
 
 
 def build_dataset(name: str, root: str | Path, split: str, **kwargs) -> SegDataset:

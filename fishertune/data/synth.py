@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fishertune.progress import bar, enabled
 from fishertune.data.labels import (IGNORE_INDEX, PALETTE, TRAIN_ID_TO_CITYSCAPES_ID,
                                     mapillary_to_train_id, mapillary_v12_config)
 from fishertune.data.synthetic import canvas, street
 from fishertune.data.synthetic.styles import Layers, apply_style
 from fishertune.errors import UserError
+from fishertune.progress import bar, enabled
 
 VERSION = 1
 DATASETS = ("gtav", "cityscapes", "bdd100k", "mapillary", "acdc")

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fishertune.progress import bar, enabled
 from fishertune.data.datasets import SegDataset, build_dataset, dataset_class
 from fishertune.data.files import read_label
 from fishertune.errors import UserError
+from fishertune.progress import bar, enabled
 
 #: Pairs in the official releases, per data set and split (ACDC per ``split/condition``).
 OFFICIAL_COUNTS: dict[str, dict[str, int]] = {
