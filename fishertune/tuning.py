@@ -10,7 +10,7 @@ line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -33,7 +33,6 @@ class MethodContext:
     device: torch.device
     seed: int
     source_batches: Callable[[int], Any] | None = None  # n -> iterable of n (images, labels) batches
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class TuningMethod:

@@ -1,6 +1,6 @@
 """Decode heads: Mask2Former as Rein configures it (later), and a light head for quick runs."""
 
-from fishertune.heads.base import HEADS, DecodeHead, build_head
+from fishertune.heads.base import HEADS, DecodeHead, build_head, check_head
 from fishertune.heads import light  # noqa: F401  (registers "light")
 
-__all__ = ["HEADS", "DecodeHead", "build_head"]
+__all__ = ["HEADS", "DecodeHead", "build_head", "check_head"]

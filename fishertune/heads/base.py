@@ -8,9 +8,12 @@ name and built from their manifest config with ``build_head``.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
+from fishertune.errors import UserError
 from fishertune.registry import Registry
 
 HEADS: Registry[type] = Registry("head")
@@ -26,5 +29,16 @@ class DecodeHead(nn.Module):
         raise NotImplementedError
 
 
+def check_head(name: str, cfg: dict, where: str = "") -> type[DecodeHead]:
+    """The head class of ``name``; an option it does not take is a one-line user error naming the ones it does."""
+    cls = HEADS.get(name, where)
+    options = [p for p in inspect.signature(cls).parameters if p not in ("in_channels", "num_classes")]
+    unknown = sorted(set(cfg) - set(options))
+    if unknown:
+        at = f"{where}: " if where else ""
+        raise UserError(f"{at}head {name!r} has no option {unknown[0]!r}; its options are: {', '.join(options)}")
+    return cls
+
+
 def build_head(name: str, in_channels: int, num_classes: int, where: str = "", **cfg) -> DecodeHead:
-    return HEADS.get(name, where)(in_channels=in_channels, num_classes=num_classes, **cfg)
+    return check_head(name, cfg, where)(in_channels=in_channels, num_classes=num_classes, **cfg)

@@ -255,9 +255,11 @@ class LoadedManifest:
     def cells(self) -> list[Cell]:
         """Expand backbones x methods to cells, validating every name and method config."""
         from fishertune.backbones import BACKBONES
+        from fishertune.heads import check_head
         from fishertune.tuning import build_method
 
         m = self.manifest
+        check_head(m.head.name, m.head.config, f"{self.path}: head")
         cells = []
         seen = set()
         for backbone in m.backbones:

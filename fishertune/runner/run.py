@@ -59,7 +59,7 @@ def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torc
     backbone = build_backbone(cell.backbone, weights=m.weights.get(cell.backbone), pretrained=m.pretrained,
                               seed=m.seed, where=f"{lm.path}: backbones", img_size=m.train.crop_size)
     torch.manual_seed(m.seed)
-    head = build_head(m.head.name, backbone.embed_dim, NUM_CLASSES, where=f"{lm.path}: head.name", **m.head.config)
+    head = build_head(m.head.name, backbone.embed_dim, NUM_CLASSES, where=f"{lm.path}: head", **m.head.config)
     segmentor = Segmentor(backbone, head).to(device)
     method = build_method(cell.method, cell.method_config, f"{lm.path}: methods")
     transform = TrainTransform(crop_size=m.train.crop_size, short_edge_range=tuple(m.train.short_edge_range),
