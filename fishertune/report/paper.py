@@ -14,7 +14,8 @@ import pandas as pd
 
 from fishertune.errors import UserError
 
-PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
+#: where the reference numbers live: the clone this package runs from, else the working directory
+PAPER_DIRS = (Path(__file__).resolve().parents[2] / "results" / "paper", Path("results") / "paper")
 #: our backbone family -> the paper's backbone key
 PAPER_BACKBONE = {"clip": "clip-vit-l", "mae": "mae-vit-h", "sam": "sam-vit-h", "eva02": "eva02-l", "dinov2": "dinov2-l"}
 #: average printed by the paper that disagrees with the mean of its own three numbers
@@ -23,10 +24,13 @@ TOLERANCE_AVG = 0.06
 
 @lru_cache(maxsize=None)
 def paper_table(name: str) -> pd.DataFrame:
-    path = PAPER_DIR / f"{name}.csv"
-    if not path.is_file():
-        raise UserError(f"the paper's reference numbers {path} are missing; run from a clone of fishertune-bench")
-    return pd.read_csv(path)
+    for directory in PAPER_DIRS:
+        path = directory / f"{name}.csv"
+        if path.is_file():
+            return pd.read_csv(path)
+    looked = " or ".join(str(d / f"{name}.csv") for d in PAPER_DIRS)
+    raise UserError(f"the paper's reference numbers are not at {looked}; install fishertune-bench from a clone "
+                    "with `pip install -e .` or run from the clone's top directory")
 
 
 def paper_row(table: str, family: str, method: str) -> dict | None:
