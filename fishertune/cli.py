@@ -67,7 +67,11 @@ def expected_counts(name: str, root: Path) -> dict[str, int]:
 
     marker = root.parent / "SYNTH.json"
     if marker.is_file():
-        return json.loads(marker.read_text())["counts"].get(name, {})
+        try:
+            return json.loads(marker.read_text())["counts"].get(name, {})
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            raise UserError(f"{marker} is damaged; regenerate the miniature with `fishertune data synth` "
+                            "or pass --any-count") from None
     return OFFICIAL_COUNTS.get(name, {})
 
 

@@ -157,7 +157,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in delta.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("test_sizes",):
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -184,7 +184,7 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _explain(err: dict[str, Any], raw: dict[str, Any]) -> str:
+def _explain(err: dict[str, Any]) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("str", "MethodEntry", "list["))))
     field = ".".join(str(p) for p in loc) or "(top level)"
     value = err.get("input")
@@ -224,10 +224,7 @@ def load_manifest(path: str | Path) -> "LoadedManifest":
     try:
         manifest = Manifest(**merged)
     except ValidationError as e:
-        raise UserError(f"{path}: {_explain(e.errors()[0], merged)}") from None
-    for target in manifest.targets:
-        if target not in manifest.eval.test_sizes:
-            raise UserError(f"{path}: eval.test_sizes has no entry for target {target!r}; add `{target}: [LONG, SHORT]`")
+        raise UserError(f"{path}: {_explain(e.errors()[0])}") from None
     return LoadedManifest(path=path, manifest=manifest)
 
 

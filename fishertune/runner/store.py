@@ -18,14 +18,20 @@ from fishertune.errors import UserError
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that ``path`` is always either absent, old or complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}); choose a writable directory") from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({e.strerror}); free some space or choose another directory") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
