@@ -1,0 +1,1 @@
+"""clip family (being written)."""

@@ -1,0 +1,1 @@
+"""eva02 family (being written)."""

@@ -1,0 +1,1 @@
+"""sam family (being written)."""
