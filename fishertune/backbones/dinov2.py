@@ -12,18 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import checkpoint_filter_fn
 
 from fishertune.backbones.registry import register_backbone
-from fishertune.backbones.timm_vit import TimmViTBackbone
+from fishertune.backbones.timm_vit import TimmViTBackbone, timm_vit
 from fishertune.backbones.weights import load_strict, read_state_dict
-
-
-def _vit(img_size: int, patch_size: int, **arch) -> VisionTransformer:
-    return VisionTransformer(
-        img_size=img_size, patch_size=patch_size, num_classes=0, global_pool="", init_values=1e-5,
-        dynamic_img_size=True, **arch,
-    )
 
 
 def load_dinov2(backbone: TimmViTBackbone, path: Path) -> None:
@@ -36,11 +29,11 @@ def load_dinov2(backbone: TimmViTBackbone, path: Path) -> None:
 def dinov2_large(img_size: int = 512, patch_size: int = 16, **kwargs) -> TimmViTBackbone:
     """DINOv2 ViT-L/14: 24 blocks, width 1024, 16 heads, layer scale; patch 16 at 512 as in Rein."""
     arch = dict(embed_dim=1024, depth=24, num_heads=16, **kwargs)
-    return TimmViTBackbone(_vit(img_size, patch_size, **arch), family="dinov2")
+    return TimmViTBackbone(timm_vit(img_size, patch_size, init_values=1e-5, **arch), family="dinov2")
 
 
 @register_backbone("dinov2-tiny", family="dinov2")
 def dinov2_tiny(img_size: int = 64, patch_size: int = 8, **kwargs) -> TimmViTBackbone:
     """The miniature's DINOv2: the same timm class and block type, 4 blocks of width 64."""
     arch = dict(embed_dim=64, depth=4, num_heads=4, **kwargs)
-    return TimmViTBackbone(_vit(img_size, patch_size, **arch), family="dinov2")
+    return TimmViTBackbone(timm_vit(img_size, patch_size, init_values=1e-5, **arch), family="dinov2")

@@ -12,6 +12,14 @@ from torch import nn
 from fishertune.backbones.base import QKV, Backbone, default_out_indices
 
 
+def timm_vit(img_size: int, patch_size: int, **arch) -> nn.Module:
+    """A timm ``VisionTransformer`` without classifier or pooling, accepting any input size."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=img_size, patch_size=patch_size, num_classes=0, global_pool="",
+                             dynamic_img_size=True, **arch)
+
+
 class TimmViTBackbone(Backbone):
     """Wraps ``timm.models.vision_transformer.VisionTransformer`` behind the backbone interface."""
 
