@@ -5,6 +5,7 @@
     fishertune data synth --out DIR    generate the miniature data sets in the real layouts
     fishertune data verify NAME --root DIR
     fishertune regression write|check MANIFEST
+    fishertune params [--format md|json]   trainable parameters per backbone x method, beside the paper's
 
 User errors (bad manifest, missing data or weights, bad labels) print one line on stderr and exit 2.
 """
@@ -47,6 +48,22 @@ def _cmd_render(args: argparse.Namespace) -> int:
         raise UserError(f"unknown table {args.table!r}; renderable: {', '.join(RENDERERS)}")
     for path in RENDERERS[args.table](args.results, args.out, args.manifest):
         print(f"wrote {path}")
+    return 0
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    from fishertune.report.params import parameter_rows, to_json, to_markdown
+    from fishertune.runner.manifest import defaults
+    from fishertune.runner.store import atomic_write_text
+
+    head = args.head or defaults()["head"]["name"]
+    rows = parameter_rows(args.backbones, args.methods, head=head, head_config=None if not args.head else {})
+    text = to_json(rows) if args.format == "json" else to_markdown(rows, head)
+    if args.output:
+        atomic_write_text(Path(args.output), text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -131,6 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--out", help="output directory (default: results/tables, or results/tables/mini "
                         "for the miniature)")
     render.set_defaults(func=_cmd_render)
+
+    params = sub.add_parser(
+        "params", help="trainable parameters of each full-size backbone x method, beside the paper's column",
+        description="Build every full-size backbone on the meta device (no weights needed, no memory used), "
+                    "apply each registered method and count what trains on the backbone side (the paper's "
+                    "Trainable Params column) and in the decode head.")
+    params.add_argument("--format", choices=("md", "json"), default="md",
+                        help="md: a Markdown table with the paper's numbers; json: a list of objects with keys "
+                             "backbone, family, method, backbone_trainable, head_trainable, backbone_total, "
+                             "paper_trainable_m (default: %(default)s)")
+    params.add_argument("--output", help="write to this file (atomically) instead of standard output")
+    params.add_argument("--backbones", nargs="+", metavar="NAME", help="only these backbones (default: every "
+                        "full-size variant)")
+    params.add_argument("--methods", nargs="+", metavar="NAME", help="only these methods (default: every "
+                        "registered one)")
+    params.add_argument("--head", help="decode head with its default options (default: the protocol's head, "
+                        "with its options from fishertune/defaults.yaml)")
+    params.set_defaults(func=_cmd_params)
 
     data = sub.add_parser("data", help="synthesize or verify data sets")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

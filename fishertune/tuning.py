@@ -59,6 +59,17 @@ class TuningMethod:
         return sum(p.numel() for p in segmentor.backbone.parameters() if p.requires_grad)
 
 
+def parameter_counts(segmentor: torch.nn.Module, method: TuningMethod) -> dict[str, int]:
+    """Backbone and head parameters, total and trainable, after ``method.apply`` (the paper's column is
+    ``backbone_trainable``); recorded in every result and listed by ``fishertune params``."""
+    return {
+        "backbone_total": sum(p.numel() for p in segmentor.backbone.parameters()),
+        "backbone_trainable": method.trainable_backbone_params(segmentor),
+        "head_total": sum(p.numel() for p in segmentor.head.parameters()),
+        "head_trainable": sum(p.numel() for p in segmentor.head.parameters() if p.requires_grad),
+    }
+
+
 METHODS: Registry[type[TuningMethod]] = Registry("method")
 
 

@@ -27,7 +27,7 @@ from fishertune.runner.environment import device_name, git_state, package_versio
 from fishertune.runner.manifest import Cell, LoadedManifest
 from fishertune.runner.store import ResultStore
 from fishertune.segmentor import Segmentor
-from fishertune.tuning import MethodContext, build_method
+from fishertune.tuning import MethodContext, build_method, parameter_counts
 
 RESULT_SCHEMA = 1
 
@@ -69,12 +69,7 @@ def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torc
         source, transform, m.seed + 1, m.train.batch_size, ex.num_workers, 0, n))
     method.apply(segmentor, ctx)
     segmentor.head.requires_grad_(True)
-    params = {
-        "backbone_total": sum(p.numel() for p in segmentor.backbone.parameters()),
-        "backbone_trainable": method.trainable_backbone_params(segmentor),
-        "head_total": sum(p.numel() for p in segmentor.head.parameters()),
-        "head_trainable": sum(p.numel() for p in segmentor.head.parameters() if p.requires_grad),
-    }
+    params = parameter_counts(segmentor, method)
     method.before_training(segmentor, ctx)
     stats = train(segmentor, method, source, transform, iterations=m.train.iterations, batch_size=m.train.batch_size,
                   lr=m.train.lr, weight_decay=m.train.weight_decay, poly_power=m.train.poly_power,
