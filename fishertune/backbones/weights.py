@@ -1,8 +1,10 @@
 """Locating and loading official checkpoint files, safely and strictly.
 
 Loading never runs code from a file: pickles are read with ``torch.load(weights_only=True)``,
-``.safetensors`` with safetensors. Keys are checked strictly after the family's conversion: a wrong or
-truncated file stops the run with one line naming the file and the missing or unexpected keys.
+``.safetensors`` with safetensors, TorchScript archives (OpenAI's CLIP files) with the restricted reader
+of :mod:`fishertune.backbones.torchscript` (never ``torch.jit.load``). Keys are checked strictly after
+the family's conversion: a wrong or truncated file stops the run with one line naming the file and the
+missing or unexpected keys.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fishertune.backbones.torchscript import is_torchscript_archive, read_torchscript_state_dict
 from fishertune.errors import UserError
 
 WEIGHTS_ENV = "FISHERTUNE_WEIGHTS"
@@ -48,6 +51,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             state = load_file(str(path), device="cpu")
+        elif is_torchscript_archive(path):
+            state = read_torchscript_state_dict(path)  # raises UserError itself
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
