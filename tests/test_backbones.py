@@ -6,7 +6,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from fishertune.backbones import build_backbone
+from fishertune.backbones import BACKBONES, build_backbone, default_out_indices
 from fishertune.backbones.dinov2 import load_dinov2
 from fishertune.errors import UserError
 
@@ -120,3 +120,52 @@ def test_missing_weights_say_where_they_were_looked_for(monkeypatch, tmp_path):
     monkeypatch.setenv("FISHERTUNE_WEIGHTS", str(tmp_path))
     with pytest.raises(UserError, match=str(tmp_path / "dinov2_vitl14_pretrain.pth")):
         build_backbone("dinov2-l")
+
+
+# --- the interface contract, for every family's tiny variant ------------------------------------------------
+
+TINY = [n for n in BACKBONES.names() if n.endswith("-tiny")]
+
+
+def test_every_family_has_a_tiny_variant_and_a_full_size_one_with_official_weights():
+    families = {BACKBONES.get(n).family for n in TINY}
+    assert families == {"clip", "mae", "sam", "eva02", "dinov2"}
+    for family in families:
+        assert any(s.family == family and s.weights and s.loader for s in map(BACKBONES.get, BACKBONES.names()))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_backbone_honours_the_interface(name):
+    b = build_backbone(name, seed=0, img_size=64)
+    assert b.family == BACKBONES.get(name).family
+    assert len(b.blocks) == b.num_layers and b.out_indices == default_out_indices(b.num_layers)
+    x = torch.randn(2, 3, 64, 64, requires_grad=False)
+    feats = b.forward_features(x)
+    g = 64 // b.patch_size
+    assert [tuple(f.shape) for f in feats] == [(2, b.embed_dim, int(g * s), int(g * s)) for s in (4, 2, 1, 0.5)]
+    # every block up to the deepest feature level shapes the features: all its parameters get gradients
+    sum(f.square().mean() for f in feats).backward()
+    deepest = max(b.out_indices)
+    for i, block in enumerate(b.blocks):
+        for n, p in block.named_parameters():
+            if i <= deepest:
+                assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} block {i} {n}"
+    # q, k and v of every attention are addressable and each changes the features
+    slots = b.qkv()
+    assert [s.block for s in slots] == list(range(b.num_layers))
+    for which in "qkv":
+        c = build_backbone(name, seed=0, img_size=64)
+        slot = c.qkv()[0]
+        with torch.no_grad():
+            w = getattr(slot.module, slot.weight)
+            assert w.shape[0] == 3 * slot.dim
+            w[slot.rows(which)] += 0.5 * torch.randn_like(w[slot.rows(which)])
+            moved = c.forward_features(x)
+        assert not torch.allclose(moved[2], feats[2].detach()), f"{name}: perturbing {which} changed nothing"
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_backbone_runs_at_another_size_and_native_patching(name):
+    b = build_backbone(name, seed=0, img_size=32, patch_size=4)
+    feats = b.forward_features(torch.randn(1, 3, 32, 32))
+    assert feats[2].shape[-2:] == (8, 8) and b.patch_size == 4
