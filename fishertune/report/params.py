@@ -94,7 +94,7 @@ def to_markdown(rows: list[dict], head: str, img_size: int = 512) -> str:
         "Trainable backbone (M)": m(r["backbone_trainable"]),
         "Paper (M)": "—" if r["paper_trainable_m"] is None else f"{r['paper_trainable_m']:.2f}",
         "Difference (M)": "" if r["paper_trainable_m"] is None
-        else f"{r['backbone_trainable'] / 1e6 - r['paper_trainable_m']:+.2f}",
+        else f"{round(r['backbone_trainable'] / 1e6 - r['paper_trainable_m'], 2) + 0.0:+.2f}",  # no "-0.00"
         "Trainable head (M)": m(r["head_trainable"]),
         "Backbone total (M)": m(r["backbone_total"]),
     } for r in rows])
