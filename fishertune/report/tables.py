@@ -16,7 +16,7 @@ import pandas as pd
 
 from fishertune.backbones import BACKBONES
 from fishertune.errors import UserError
-from fishertune.report.paper import inconsistent_average, paper_row
+from fishertune.report.paper import PAPER_BACKBONE, inconsistent_average, paper_row
 from fishertune.runner.store import atomic_write_text, iter_results
 
 #: the paper's row order within a backbone block
@@ -56,7 +56,9 @@ def _order(r: dict[str, Any], backbones: list[str]) -> tuple:
 
 def table1_frame(results: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[str]]:
     """The Table 1 frame (index: backbone, method) and its footnotes."""
-    backbones = list(dict.fromkeys(r["backbone"] for r in results))
+    family_rank = {f: i for i, f in enumerate(PAPER_BACKBONE)}  # the paper's order: CLIP, MAE, SAM, EVA02, DINOv2
+    backbones = sorted({r["backbone"] for r in results},
+                       key=lambda b: (family_rank.get(BACKBONES.get(b).family, len(family_rank)), b))
     rows, notes = [], []
     for r in sorted(results, key=lambda r: _order(r, backbones)):
         family = BACKBONES.get(r["backbone"]).family
