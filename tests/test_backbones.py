@@ -169,3 +169,22 @@ def test_tiny_backbone_runs_at_another_size_and_native_patching(name):
     b = build_backbone(name, seed=0, img_size=32, patch_size=4)
     feats = b.forward_features(torch.randn(1, 3, 32, 32))
     assert feats[2].shape[-2:] == (8, 8) and b.patch_size == 4
+
+
+@pytest.mark.parametrize(
+    "name, native, millions",
+    [
+        # the architectures' own sizes at their native resolution, built on the meta device; the
+        # difference to the 512/16 counts of `fishertune params` is the position grid (and SAM's neck)
+        ("dinov2-l", dict(img_size=518, patch_size=14), 304.37),  # 37x37 grid, layer scale, no mask token
+        ("clip-l", dict(img_size=224, patch_size=14), 303.18),  # 303.97 published, less proj 0.79 and ln_post
+        ("mae-l", dict(img_size=224, patch_size=16), 303.30),
+        ("mae-h", dict(img_size=224, patch_size=14), 630.76),
+        ("sam-h", dict(img_size=1024, neck=True), 637.03),  # SAM's image encoder as released, neck included
+        ("eva02-l", dict(img_size=224, patch_size=14), 303.27),  # timm's eva02_large_patch14_224 less its final norm
+    ],
+)
+def test_full_size_backbones_at_native_resolution_have_the_architectures_sizes(name, native, millions):
+    with torch.device("meta"):
+        b = build_backbone(name, pretrained=False, **native)
+    assert sum(p.numel() for p in b.parameters()) / 1e6 == pytest.approx(millions, abs=0.005)
