@@ -5,6 +5,12 @@ and maps its raw labels to the 19 train ids in exactly one place: its :attr:`Seg
 (GTAV: Cityscapes label ids; Mapillary: the table built from its ``config_v1.2.json``; the others
 already hold train ids). The same readers run on the real data and on the miniature written by
 :func:`fishertune.data.synth.synthesize`.
+
+GTAV and Mapillary also have *prepared* copies written by ``fishertune data prepare``
+(:mod:`fishertune.data.prepare`, Rein's file names): train-id labels and, for Mapillary validation,
+halved images and labels. A reader uses them (no table, no halving at read time) when they cover
+exactly the pairs of the release's own files, and the release's files otherwise
+(:meth:`SegDataset.choose_view`, the one place that decides).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class Folder:
     images: Path
     labels: Path
     group: str = ""
+    label_suffix: str = ""  # overrides the reader's label_suffix for this folder
+    label_exclude: str = ""  # label files ending so are not labels here (GTAV: the prepared train-id copies)
 
 
 @dataclass
@@ -45,6 +53,7 @@ class Scan:
     images_without_label: list[tuple[Path, Path]] = field(default_factory=list)  # (image, expected label)
     labels_without_image: list[Path] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)  # the Folder.group of each pair
+    keys: list[str] = field(default_factory=list)  # group and file name without suffix, of each pair
 
 
 def canonical_split(split: str) -> str:
@@ -59,10 +68,13 @@ class SegDataset(Dataset):
     """A segmentation data set: ``dataset[i]`` is ``dict(image, label, path)``.
 
     ``image`` is ``H x W x 3`` uint8 RGB, ``label`` is ``H x W`` uint8 train ids (255 = ignore),
-    ``path`` the image file. Subclasses say where the files are (:meth:`folders`) and how their file
+    ``path`` the image file. Subclasses say where the files are (:meth:`raw_folders`, and
+    :meth:`prepared_folders` where ``fishertune data prepare`` writes copies) and how their file
     names end; the pairs are matched on the file name without that ending, relative to the folder.
     With ``strict`` (the default) an image without its label is a :class:`UserError`; ``verify``
-    reads with ``strict=False`` to report such files instead.
+    reads with ``strict=False`` to report such files instead. ``prepared``: ``None`` (default) reads
+    the prepared copies when complete (:meth:`choose_view`), ``False`` the release's own files,
+    ``True`` the prepared copies or a :class:`UserError`.
     """
 
     name: ClassVar[str]
@@ -73,7 +85,7 @@ class SegDataset(Dataset):
     layout: ClassVar[str]  # what --root must contain, for error messages
     defined_raw_values = 256  # raw label values 0..n-1 have a meaning (Mapillary: its config's labels)
 
-    def __init__(self, root: str | Path, split: str, *, strict: bool = True) -> None:
+    def __init__(self, root: str | Path, split: str, *, strict: bool = True, prepared: bool | None = None) -> None:
         self.root = Path(root)
         self.split = canonical_split(split)
         if self.split not in self.splits:
@@ -81,15 +93,45 @@ class SegDataset(Dataset):
         if not self.root.is_dir():
             raise UserError(f"{self.name} root {self.root} is not a directory; point --root at {self.layout} "
                             f"({SYNTH_HINT})")
-        self.label_lut = self.load_label_lut()
-        self.scan = self.list_pairs()
+        self.prepared, self.scan = self.choose_view(prepared)
+        self.label_lut = None if self.prepared else self.load_label_lut()
         self.pairs = self.scan.pairs
         if strict:
             self._check(self.scan)
 
-    def folders(self) -> list[Folder]:
-        """The image/label folder pairs of this split."""
+    def raw_folders(self) -> list[Folder]:
+        """The image/label folder pairs of this split in the release's own layout."""
         raise NotImplementedError
+
+    def prepared_folders(self) -> list[Folder] | None:
+        """The folders of this split's prepared copies (train-id labels), or ``None`` where the data
+        set has nothing to prepare."""
+        return None
+
+    def folders(self) -> list[Folder]:
+        """The image/label folder pairs this reader reads: prepared or the release's own."""
+        return (self.prepared_folders() if self.prepared else None) or self.raw_folders()
+
+    def choose_view(self, prepared: bool | None) -> tuple[bool, Scan]:
+        """Whether to read the prepared copies, and the listing of what will be read.
+
+        The prepared copies are read when they pair with exactly the images that the release's own
+        files pair, so a half-finished or stale ``prepare`` falls back to the release's files (same
+        labels, mapped and halved when read; only Mapillary's halved validation images differ, the
+        prepared ones being JPEGs re-encoded at quality 75 as Rein's).
+        """
+        folders = self.prepared_folders() if prepared is not False else None
+        raw = self.list_pairs(self.raw_folders())
+        if folders is None:
+            if prepared:
+                raise UserError(f"{self.name} has no prepared copies to read")
+            return False, raw
+        ready = self.list_pairs(folders)
+        complete = bool(ready.pairs) and ready.keys == raw.keys and not ready.images_without_label
+        if prepared and not complete:
+            raise UserError(f"the prepared {self.name} {self.split} copies under {self.root} are missing or "
+                            f"incomplete; run `fishertune data prepare {self.name} --root {self.root}`")
+        return (True, ready) if complete else (False, raw)
 
     def load_label_lut(self) -> np.ndarray | None:
         """256-entry table raw label value -> train id, or ``None`` where labels are train ids."""
@@ -106,19 +148,24 @@ class SegDataset(Dataset):
             legal[: self.defined_raw_values] = True
         return legal
 
-    def list_pairs(self) -> Scan:
-        """Match image and label files by name within each folder; sorted, deterministic."""
+    def list_pairs(self, folders: list[Folder] | None = None) -> Scan:
+        """Match image and label files by name within each folder (default: :meth:`folders`);
+        sorted, deterministic."""
         scan = Scan()
         pattern = "*/" * self.depth + "*"
-        for folder in self.folders():
+        for folder in self.folders() if folders is None else folders:
+            label_suffix = folder.label_suffix or self.label_suffix
             images = _by_key(folder.images, pattern + self.image_suffix, self.image_suffix)
-            labels = _by_key(folder.labels, pattern + self.label_suffix, self.label_suffix)
+            labels = _by_key(folder.labels, pattern + label_suffix, label_suffix)
+            if folder.label_exclude:
+                labels = {k: p for k, p in labels.items() if not p.name.endswith(folder.label_exclude)}
             for key in sorted(images):
                 if key in labels:
                     scan.pairs.append((images[key], labels[key]))
                     scan.groups.append(folder.group)
+                    scan.keys.append(f"{folder.group}/{key}")
                 else:
-                    scan.images_without_label.append((images[key], folder.labels / (key + self.label_suffix)))
+                    scan.images_without_label.append((images[key], folder.labels / (key + label_suffix)))
             scan.labels_without_image += [labels[key] for key in sorted(labels.keys() - images.keys())]
         return scan
 
@@ -167,20 +214,32 @@ def _by_key(folder: Path, pattern: str, suffix: str) -> dict[str, Path]:
 class GTAV(SegDataset):
     """GTAV: ``images/*.png`` and ``labels/*.png`` holding Cityscapes label ids; all images train.
 
+    Prepared (Rein's ``tools/convert_datasets/gta.py`` naming): ``labels/<n>_labelTrainIds.png``
+    beside each ``labels/<n>.png``, holding train ids; those files are never listed as raw labels.
     A few real GTAV labels differ in size from their image; they are returned as stored and
-    ``fishertune data verify`` reports them.
+    ``fishertune data verify`` / ``prepare`` report them.
     """
 
     name = "gtav"
     splits = ("train",)
     image_suffix = label_suffix = ".png"
+    train_id_suffix = "_labelTrainIds.png"
     layout = "the directory that contains images/ and labels/"
 
-    def __init__(self, root: str | Path, split: str = "train", *, strict: bool = True) -> None:
-        super().__init__(root, split, strict=strict)
+    def __init__(self, root: str | Path, split: str = "train", *, strict: bool = True,
+                 prepared: bool | None = None) -> None:
+        super().__init__(root, split, strict=strict, prepared=prepared)
 
-    def folders(self) -> list[Folder]:
-        return [Folder(self.root / "images", self.root / "labels")]
+    def raw_folders(self) -> list[Folder]:
+        return [Folder(self.root / "images", self.root / "labels", label_exclude=self.train_id_suffix)]
+
+    def prepared_folders(self) -> list[Folder]:
+        return [Folder(self.root / "images", self.root / "labels", label_suffix=self.train_id_suffix)]
+
+    @classmethod
+    def train_id_path(cls, label: Path) -> Path:
+        """Where ``prepare`` writes the train-id copy of the raw label ``label``."""
+        return label.with_name(label.name[: -len(cls.label_suffix)] + cls.train_id_suffix)
 
     def load_label_lut(self) -> np.ndarray:
         return CITYSCAPES_ID_TO_TRAIN_ID
@@ -197,7 +256,7 @@ class Cityscapes(SegDataset):
     layout = ("the directory that contains leftImg8bit/ and gtFine/ with *_gtFine_labelTrainIds.png "
               "from cityscapesscripts' createTrainIdLabelImgs")
 
-    def folders(self) -> list[Folder]:
+    def raw_folders(self) -> list[Folder]:
         return [Folder(self.root / "leftImg8bit" / self.split, self.root / "gtFine" / self.split)]
 
 
@@ -209,7 +268,7 @@ class BDD100K(SegDataset):
     label_suffix = ".png"
     layout = "the directory that contains images/10k/ and labels/sem_seg/masks/"
 
-    def folders(self) -> list[Folder]:
+    def raw_folders(self) -> list[Folder]:
         return [Folder(self.root / "images" / "10k" / self.split,
                        self.root / "labels" / "sem_seg" / "masks" / self.split)]
 
@@ -219,8 +278,11 @@ class Mapillary(SegDataset):
 
     Labels index the ``labels`` of ``config_v1.2.json`` at the root and are mapped by name
     (:func:`fishertune.data.labels.mapillary_to_train_id`). ``halve`` (default: on for validation,
-    as in Rein's protocol) halves image (bicubic) and label (nearest) when read; pass
-    ``halve=False`` for copies already halved on disk.
+    as in Rein's protocol) returns image and label at half size: :func:`halve_image` (bicubic) and
+    :func:`halve_label` (nearest) when read, or the halved copies of ``prepare``.
+
+    Prepared (Rein's README paths): train-id labels in ``cityscapes_trainIdLabel/{train,val}/label/``
+    and the halved validation set in ``half/val_img/*.jpg`` and ``half/val_label/*.png``.
     """
 
     name = "mapillary"
@@ -229,14 +291,26 @@ class Mapillary(SegDataset):
     layout = "the directory that contains training/, validation/ and config_v1.2.json"
     config_name = "config_v1.2.json"
     split_dirs = {"train": "training", "val": "validation"}
+    train_id_dir = "cityscapes_trainIdLabel/{split}/label"
+    half_images = "half/val_img"
+    half_labels = "half/val_label"
 
-    def __init__(self, root: str | Path, split: str, halve: bool | None = None, *, strict: bool = True) -> None:
-        super().__init__(root, split, strict=strict)
-        self.halve = self.split == "val" if halve is None else halve
+    def __init__(self, root: str | Path, split: str, halve: bool | None = None, *, strict: bool = True,
+                 prepared: bool | None = None) -> None:
+        self.halve = canonical_split(split) == "val" if halve is None else halve
+        super().__init__(root, split, strict=strict, prepared=prepared)
 
-    def folders(self) -> list[Folder]:
+    def raw_folders(self) -> list[Folder]:
         base = self.root / self.split_dirs[self.split]
         return [Folder(base / "images", base / "v1.2" / "labels")]
+
+    def prepared_folders(self) -> list[Folder]:
+        if self.halve and self.split == "val":
+            return [Folder(self.root / self.half_images, self.root / self.half_labels)]
+        if self.halve:  # halved training images have no prepared copies
+            return None
+        return [Folder(self.root / self.split_dirs[self.split] / "images",
+                       self.root / self.train_id_dir.format(split=self.split))]
 
     def load_label_lut(self) -> np.ndarray:
         path = self.root / self.config_name
@@ -253,14 +327,25 @@ class Mapillary(SegDataset):
 
     def read_raw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         image, label = super().read_raw(i)
-        if not self.halve:
+        if not self.halve or self.prepared:  # the prepared validation copies are halved already
             return image, label
-        h, w = image.shape[:2]
-        size = (max(w // 2, 1), max(h // 2, 1))
-        image = np.array(Image.fromarray(image).resize(size, Image.BICUBIC))
-        lh, lw = label.shape
-        label = np.array(Image.fromarray(label).resize((max(lw // 2, 1), max(lh // 2, 1)), Image.NEAREST))
-        return image, label
+        return halve_image(image), halve_label(label)
+
+
+def half_size(size: tuple[int, int]) -> tuple[int, int]:
+    """``(width, height)`` halved (rounded down, at least 1), as Rein's ``mapillary_resize.py``."""
+    return max(size[0] // 2, 1), max(size[1] // 2, 1)
+
+
+def halve_image(image: np.ndarray) -> np.ndarray:
+    """An ``H x W x 3`` image at half size, bicubic (Mapillary validation, as Rein)."""
+    size = half_size((image.shape[1], image.shape[0]))
+    return np.array(Image.fromarray(image).resize(size, Image.BICUBIC))
+
+
+def halve_label(label: np.ndarray) -> np.ndarray:
+    """An ``H x W`` label map at half size, nearest (Mapillary validation, as Rein)."""
+    return np.array(Image.fromarray(label).resize(half_size((label.shape[1], label.shape[0])), Image.NEAREST))
 
 
 class ACDC(SegDataset):
@@ -275,15 +360,15 @@ class ACDC(SegDataset):
     all_conditions = ("fog", "night", "rain", "snow")
 
     def __init__(self, root: str | Path, split: str, conditions: tuple[str, ...] = all_conditions, *,
-                 strict: bool = True) -> None:
+                 strict: bool = True, prepared: bool | None = None) -> None:
         unknown = [c for c in conditions if c not in self.all_conditions]
         if unknown or not conditions:
             raise UserError(f"unknown ACDC condition(s) {unknown or conditions}; "
                             f"choose from {', '.join(self.all_conditions)}")
         self.conditions = tuple(conditions)
-        super().__init__(root, split, strict=strict)
+        super().__init__(root, split, strict=strict, prepared=prepared)
 
-    def folders(self) -> list[Folder]:
+    def raw_folders(self) -> list[Folder]:
         return [Folder(self.root / "rgb_anon" / c / self.split, self.root / "gt" / c / self.split, c)
                 for c in self.conditions]
 
