@@ -134,3 +134,23 @@ def test_paper_numbers_sit_beside_ours_with_the_papers_own_inconsistency_flagged
     assert full["Params (M)"].endswith("/ 304.20")
     assert full["Avg"].split(" / ")[1].startswith("60.9*")
     assert len(notes) == 1 and "60.97" in notes[0]
+
+
+def test_table2_protocol_reports_acdc_per_condition_and_their_mean(tmp_path, synth_root):
+    manifest = tmp_path / "t2.yaml"
+    manifest.write_text(
+        f"version: 1\nname: t2\ntable: table2\ninclude: {MINI.parent / 'protocol.yaml'}\n"
+        f"backbones: [dinov2-tiny]\nmethods: [freeze]\nsource: cityscapes\ntargets: [bdd100k, acdc]\n"
+        f"train: {{iterations: 10}}\ndata: {{root: {synth_root}, synth_images: 6}}\n")
+    lm = load_manifest(manifest)
+    run_manifest(lm, str(tmp_path / "runs"), progress=False)
+    (path,) = (tmp_path / "runs" / "t2").glob("*.json")
+    acdc = json.loads(path.read_text())["targets"]["acdc"]
+    groups = acdc["groups"]
+    assert set(groups) == {"fog", "night", "rain", "snow"}
+    assert acdc["num_images"] == sum(g["num_images"] for g in groups.values())
+    assert acdc["miou"] == pytest.approx(sum(g["miou"] for g in groups.values()) / 4)
+    assert acdc["test_size"] == [120, 68] and acdc["crop_size"] == 64 and acdc["stride"] == 43
+    # the pooled matrix is the sum of the conditions' matrices
+    pooled = [[sum(g["confusion"][i][j] for g in groups.values()) for j in range(19)] for i in range(19)]
+    assert acdc["confusion"] == pooled

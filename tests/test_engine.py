@@ -37,7 +37,11 @@ def test_poly_schedule():
     assert poly_factor(100, 100) == 0.0
     assert poly_factor(50, 100, power=0.9) == pytest.approx(0.5 ** 0.9)
     assert poly_factor(0, 100, warmup=10) == pytest.approx(1e-6)
-    assert poly_factor(5, 100, warmup=10) == pytest.approx((0.95 ** 0.9) * (1e-6 + (1 - 1e-6) * 0.5))
+    # Rein's 1024 schedule: linear warm-up to 1 over 10k iterations, then poly over the remaining 30k
+    assert poly_factor(5, 100, warmup=10) == pytest.approx(1e-6 + (1 - 1e-6) * 0.5)
+    assert poly_factor(10, 100, warmup=10) == 1.0
+    assert poly_factor(55, 100, warmup=10) == pytest.approx(0.5 ** 0.9)
+    assert poly_factor(100, 100, warmup=10) == 0.0
 
 
 def test_param_groups_exempt_norms_embeddings_tokens_and_scales():

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,30 @@ def test_unwritable_table_directory_is_one_line(tmp_path, capsys):
     blocker.write_text("x")
     with pytest.raises(UserError, match="cannot write .*file/sub/t.md"):
         atomic_write_text(blocker / "sub" / "t.md", "text")
+
+
+SHIPPED = sorted(p for p in (Path(__file__).resolve().parents[1] / "benchmarks").rglob("*.yaml")
+                 if p.name != "protocol.yaml")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_manifest_loads_and_expands(path):
+    lm = load_manifest(path)
+    cells = lm.cells()
+    assert cells and len({c.id for c in cells}) == len(cells)
+
+
+def test_table2_manifests_carry_reins_two_protocols():
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    m512 = load_manifest(root / "table2.yaml").manifest
+    m1024 = load_manifest(root / "table2-1024.yaml").manifest
+    for m in (m512, m1024):
+        assert m.source == "cityscapes" and list(m.targets) == ["bdd100k", "acdc"] and m.table == "table2"
+    assert (m512.train.crop_size, m512.eval.crop_size, m512.eval.stride, m512.train.lr) == (512, 512, 341, 1e-4)
+    assert list(m512.eval.test_sizes["acdc"]) == [960, 540] and list(m512.eval.test_sizes["bdd100k"]) == [1280, 720]
+    assert (m1024.train.crop_size, m1024.eval.crop_size, m1024.eval.stride) == (1024, 1024, 683)
+    assert (m1024.train.batch_size, m1024.train.lr, m1024.train.warmup_iterations) == (8, 6e-5, 10000)
+    assert list(m1024.eval.test_sizes["acdc"]) == [1920, 1080]
+    # the two settings never share a cell id
+    assert not {c.id for c in load_manifest(root / "table2.yaml").cells()} & {
+        c.id for c in load_manifest(root / "table2-1024.yaml").cells()}

@@ -4,7 +4,9 @@ Each target image is resized keeping its aspect ratio to fit the target's test s
 ``Resize(keep_ratio=True)``), normalised, and predicted by a sliding window (``crop`` x ``crop``,
 ``stride``; windows batched; a window that overhangs a small image is zero-padded and its padding
 cut from the logits); overlapping logits are averaged, resized bilinearly to the label's size and
-arg-maxed. One confusion matrix accumulates over the whole target set.
+arg-maxed. One confusion matrix accumulates over the whole target set, and one per group when the
+reader groups its images (ACDC: one per condition, reported per condition and as their mean, as
+Rein's ``DGIoUMetric`` does).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class TargetResult:
 
     confusion: np.ndarray
     num_images: int
+    groups: dict[str, "TargetResult"] | None = None  # per group (ACDC condition), when the reader has groups
 
     @property
     def iou(self) -> np.ndarray:
@@ -63,6 +66,14 @@ class TargetResult:
 
     @property
     def miou(self) -> float:
+        """mIoU of the pooled confusion matrix; with groups, the unweighted mean of the groups' mIoU."""
+        if self.groups:
+            return float(np.mean([g.miou for g in self.groups.values()]))
+        return mean_iou(self.iou)
+
+    @property
+    def pooled_miou(self) -> float:
+        """mIoU of one confusion matrix over every image, groups or not."""
         return mean_iou(self.iou)
 
 
@@ -73,13 +84,19 @@ def evaluate(model: torch.nn.Module, dataset, test_size: tuple[int, int], crop: 
     was_training = model.training
     model.eval()
     resize = TestResize(test_size)
-    confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64)
+    scan = getattr(dataset, "scan", None)
+    names = list(scan.groups) if scan is not None and len(set(scan.groups)) > 1 else [""] * len(dataset)
+    confusion = {g: torch.zeros((num_classes, num_classes), dtype=torch.int64) for g in dict.fromkeys(names)}
     for i in bar(range(len(dataset)), desc=desc, unit="img"):
         sample = dataset[i]
         image = to_tensor(resize(sample["image"])).unsqueeze(0).to(device)
         logits = slide_logits(model, image, num_classes, crop, stride, batch)
         label = torch.from_numpy(np.asarray(sample["label"]))
         logits = F.interpolate(logits, size=tuple(label.shape), mode="bilinear", align_corners=False)
-        confusion += confusion_matrix(logits.argmax(1)[0].cpu(), label, num_classes)
+        confusion[names[i]] += confusion_matrix(logits.argmax(1)[0].cpu(), label, num_classes)
     model.train(was_training)
-    return TargetResult(confusion=confusion.numpy(), num_images=len(dataset))
+    pooled = sum(confusion.values()).numpy()
+    if len(confusion) == 1:
+        return TargetResult(confusion=pooled, num_images=len(dataset))
+    groups = {g: TargetResult(confusion=c.numpy(), num_images=names.count(g)) for g, c in confusion.items()}
+    return TargetResult(confusion=pooled, num_images=len(dataset), groups=groups)

@@ -48,11 +48,17 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
 
 
 def poly_factor(iteration: int, total: int, power: float = 0.9, warmup: int = 0) -> float:
-    """Learning-rate multiplier at ``iteration`` (0-based) of ``total``."""
-    factor = (1.0 - min(iteration, total) / total) ** power
+    """Learning-rate multiplier at ``iteration`` (0-based) of ``total``.
+
+    Without warm-up: poly decay over the whole run (Rein's 512 configs). With ``warmup`` iterations:
+    a linear ramp from 1e-6 to 1 over them, then poly decay over the remaining ``total - warmup``
+    (Rein's 1024 configs: mmengine ``LinearLR(start_factor=1e-6, end=warmup)`` followed by
+    ``PolyLR(begin=warmup, end=total)``).
+    """
     if warmup and iteration < warmup:
-        factor *= 1e-6 + (1.0 - 1e-6) * iteration / warmup
-    return factor
+        return 1e-6 + (1.0 - 1e-6) * iteration / warmup
+    span = total - warmup
+    return (1.0 - min(iteration - warmup, span) / span) ** power
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total: int, power: float, warmup: int = 0):
