@@ -4,6 +4,7 @@
     fishertune render TABLE            write results/tables/TABLE.md and .tex from finished cells
     fishertune data synth --out DIR    generate the miniature data sets in the real layouts
     fishertune data verify NAME --root DIR
+    fishertune data prepare NAME --root DIR   convert labels in place as Rein's tools do (resumable)
     fishertune regression write|check MANIFEST
     fishertune params [--format md|json]   trainable parameters per backbone x method, beside the paper's
 
@@ -21,12 +22,24 @@ from fishertune.errors import UserError
 DEFAULT_RESULTS = "results/runs"
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    """Manifest fields set on the command line."""
+    return {"data": {"subset": args.subset}} if getattr(args, "subset", None) is not None else {}
+
+
+def _subset_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--subset", type=int, metavar="N",
+                        help="a deterministic, class-balanced subset of N images of the source and of each target "
+                             "(N per ACDC condition), for quick runs and CI regression on real data; results go to "
+                             "RESULTS/<manifest name>-subsetN/ and tables say SUBSET (overrides data.subset)")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from fishertune.report.tables import RENDERERS
     from fishertune.runner.manifest import load_manifest
     from fishertune.runner.run import run_manifest, select_cells
 
-    lm = load_manifest(args.manifest)
+    lm = load_manifest(args.manifest, _overrides(args))
     if args.dry_run:
         for cell in select_cells(lm.cells(), args.only):
             print(cell.id)
@@ -36,7 +49,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"{status:8s} {cell.id}")
     table = lm.manifest.table
     if not args.no_render and table in RENDERERS:
-        for path in RENDERERS[table](Path(args.results) / lm.manifest.name):
+        for path in RENDERERS[table](Path(args.results) / lm.results_name):
             print(f"wrote {path}")
     return 0
 
@@ -76,24 +89,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def expected_counts(name: str, root: Path) -> dict[str, int]:
-    """The counts a tree should have: recorded by the generator for the miniature, else official."""
-    import json
-
-    from fishertune.data.verify import OFFICIAL_COUNTS
-
-    marker = root.parent / "SYNTH.json"
-    if marker.is_file():
-        try:
-            return json.loads(marker.read_text())["counts"].get(name, {})
-        except (json.JSONDecodeError, KeyError, AttributeError):
-            raise UserError(f"{marker} is damaged; regenerate the miniature with `fishertune data synth` "
-                            "or pass --any-count") from None
-    return OFFICIAL_COUNTS.get(name, {})
-
-
 def _cmd_verify(args: argparse.Namespace) -> int:
     from fishertune.data import verify_dataset
+    from fishertune.data.verify import expected_counts
 
     root = Path(args.root)
     expected = None if args.any_count else expected_counts(args.name, root)
@@ -102,11 +100,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 2
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from fishertune.data.prepare import prepare_dataset
+
+    report = prepare_dataset(args.name, Path(args.root), workers=args.workers)
+    print(report.format())
+    return 0 if report.ok else 2
+
+
 def _cmd_regression(args: argparse.Namespace) -> int:
     from fishertune.report import regression
     from fishertune.runner.manifest import load_manifest
 
-    lm = load_manifest(args.manifest)
+    lm = load_manifest(args.manifest, _overrides(args))
     if args.action == "write":
         print(f"wrote {regression.write(lm, args.results, args.stored)}")
         return 0
@@ -137,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", nargs="+", metavar="PATTERN", help="run only cells whose id or row matches a glob")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the manifest's execution.device")
     run.add_argument("--dry-run", action="store_true", help="list the cell ids and exit")
+    _subset_arg(run)
     run.add_argument("--no-render", action="store_true", help="do not render the table afterwards")
     run.set_defaults(func=_cmd_run)
 
@@ -167,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with its options from fishertune/defaults.yaml)")
     params.set_defaults(func=_cmd_params)
 
-    data = sub.add_parser("data", help="synthesize or verify data sets")
+    data = sub.add_parser("data", help="synthesize, verify or prepare data sets")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     synth = dsub.add_parser("synth", help="write the miniature GTAV, Cityscapes, BDD100K, Mapillary and ACDC trees",
                             description="Generate small data sets in the real on-disk layouts and label "
@@ -187,6 +194,26 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--any-count", action="store_true", help="do not compare pair counts with the official "
                         "ones (or, for the miniature, with those its generator recorded)")
     verify.set_defaults(func=_cmd_verify)
+    prepare = dsub.add_parser(
+        "prepare", help="convert a data set's labels in place as Rein's tools do (resumable)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert a data set in place as Rein's tools/convert_datasets do, skipping files already "
+                    "converted (rerun to resume), then report. Exit 2 when the tree is broken.\n\n"
+                    "  gtav        labels/<n>_labelTrainIds.png (train ids) beside each labels/<n>.png\n"
+                    "  cityscapes  gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png from the *_polygons.json "
+                    "files\n"
+                    "              (needs: pip install 'fishertune-bench[cityscapes]')\n"
+                    "  mapillary   cityscapes_trainIdLabel/{train,val}/label/*.png (66 classes -> 19 by name) and\n"
+                    "              the halved validation set half/val_img/*.jpg, half/val_label/*.png\n"
+                    "  bdd100k     nothing to convert; every pair is checked\n"
+                    "  acdc        nothing to convert; every pair is checked\n\n"
+                    "The readers use the prepared copies once they are complete and the original files otherwise "
+                    "(same labels; Mapillary's halved validation images are JPEGs re-encoded at quality 75, as "
+                    "Rein's). Pair counts are checked by `fishertune data verify`.")
+    prepare.add_argument("name", help="gtav, cityscapes, bdd100k, mapillary or acdc")
+    prepare.add_argument("--root", required=True, help="the data set's directory")
+    prepare.add_argument("--workers", type=int, help="threads converting files (default: CPU cores, at most 8)")
+    prepare.set_defaults(func=_cmd_prepare)
     reg = sub.add_parser("regression", help="store or check a manifest's per-class IoU (CI regression)",
                          description="write: store the per-class IoU of MANIFEST's finished cells in "
                                      "results/regression/<name>.json; check: compare finished cells against it "
@@ -195,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("manifest", help="YAML manifest whose cells are finished")
     reg.add_argument("--results", default=DEFAULT_RESULTS, help="results root (default: %(default)s)")
     reg.add_argument("--stored", help="regression file (default: results/regression/<manifest name>.json)")
+    _subset_arg(reg)
     reg.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                      help="allowed change in IoU points per class (default: %(default)s)")
     reg.set_defaults(func=_cmd_regression)

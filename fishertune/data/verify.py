@@ -8,6 +8,8 @@ with its total and a few example paths.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +33,10 @@ OFFICIAL_COUNTS: dict[str, dict[str, int]] = {
     "acdc": {"train/fog": 400, "val/fog": 100, "train/night": 400, "val/night": 106,
              "train/rain": 400, "val/rain": 100, "train/snow": 400, "val/snow": 100},
 }
+
+MISSING_FOLDER = "missing folders"
+#: bump when the checks change, so that trees verified by an older version are checked again
+VERIFY_VERSION = 1
 
 IMAGE_WITHOUT_LABEL = "images without label"
 LABEL_WITHOUT_IMAGE = "labels without image"
@@ -77,18 +83,10 @@ def verify_dataset(name: str, root: str | Path, split: str | None = None, expect
     pairs: list[tuple[SegDataset, Path, Path]] = []
     for s in splits:
         dataset = build_dataset(name, root, s, strict=False)
-        scan = dataset.scan
-        groups = Counter(scan.groups)
-        for folder in dataset.folders():
-            key = f"{dataset.split}/{folder.group}" if folder.group else dataset.split
-            report.counts[key] = groups[folder.group]
-        found.setdefault(IMAGE_WITHOUT_LABEL, []).extend(
-            f"{image} (expected {label})" for image, label in scan.images_without_label)
-        found.setdefault(LABEL_WITHOUT_IMAGE, []).extend(str(p) for p in scan.labels_without_image)
-        if not scan.pairs:
-            folders = ", ".join(str(f.images) for f in dataset.folders())
-            found.setdefault(NO_PAIRS, []).append(f"{dataset.split} under {folders}")
-        pairs += [(dataset, image, label) for image, label in scan.pairs]
+        report.counts.update(pair_counts(dataset))
+        for kind, detail in listing_issues(dataset):
+            found.setdefault(kind, []).append(detail)
+        pairs += [(dataset, image, label) for image, label in dataset.scan.pairs]
     for key, n in (expected or {}).items():
         if key in report.counts and report.counts[key] != n:
             found.setdefault(COUNT, []).append(f"{key}: {report.counts[key]} found, {n} expected")
@@ -103,29 +101,116 @@ def verify_dataset(name: str, root: str | Path, split: str | None = None, expect
     return report
 
 
+def pair_counts(dataset: SegDataset) -> dict[str, int]:
+    """Pairs per count key (``split``, or ``split/group`` for ACDC) of one reader's listing."""
+    groups = Counter(dataset.scan.groups)
+    return {f"{dataset.split}/{f.group}" if f.group else dataset.split: groups[f.group] for f in dataset.folders()}
+
+
+def listing_issues(dataset: SegDataset) -> list[tuple[str, str]]:
+    """The problems of one reader's listing, as ``(kind, detail)``: missing folders, files without
+    their partner, no pairs at all."""
+    scan = dataset.scan
+    issues = [(MISSING_FOLDER, str(path)) for f in dataset.folders() for path in dict.fromkeys((f.images, f.labels))
+              if not path.is_dir()]
+    issues += [(IMAGE_WITHOUT_LABEL, f"{image} (expected {label})") for image, label in scan.images_without_label]
+    issues += [(LABEL_WITHOUT_IMAGE, str(p)) for p in scan.labels_without_image]
+    if not scan.pairs:
+        issues.append((NO_PAIRS, f"{dataset.split} under {', '.join(str(f.images) for f in dataset.folders())}"))
+    return issues
+
+
 def check_pair(dataset: SegDataset, image_path: Path, label_path: Path) -> list[tuple[str, str]]:
     """The problems of one pair, as ``(kind, detail)``."""
-    issues = []
-    size = None
+    size, issues = check_image(image_path)
+    raw, label_issues = check_label(dataset, label_path)
+    issues += label_issues
+    if raw is not None:
+        issues += check_sizes(label_path, size, (raw.shape[1], raw.shape[0]))
+    return issues
+
+
+def check_image(path: Path) -> tuple[tuple[int, int] | None, list[tuple[str, str]]]:
+    """The ``(width, height)`` of an image (``None`` if unreadable) and its problems. JPEGs are
+    decoded at 1/8 scale, PNGs have their chunks checked."""
     try:
-        with Image.open(image_path) as image:
+        with Image.open(path) as image:
             size = image.size
             if image.format == "JPEG":
                 image.draft("RGB", (max(size[0] // 8, 1), max(size[1] // 8, 1)))
                 image.load()
             else:
                 image.verify()
+        return size, []
     except Exception as e:  # noqa: BLE001 - any failure to read is the finding being reported
-        issues.append((UNREADABLE_IMAGE, f"{image_path} ({e})"))
+        return None, [(UNREADABLE_IMAGE, f"{path} ({e})")]
+
+
+def check_label(dataset: SegDataset, path: Path) -> tuple[np.ndarray | None, list[tuple[str, str]]]:
+    """The raw label map (``None`` if unreadable) and its problems: unreadable, or values that the
+    reader gives no meaning (:meth:`SegDataset.legal_raw_values`)."""
     try:
-        raw = read_label(label_path)
+        raw = read_label(path)
     except (OSError, UserError, ValueError) as e:
-        issues.append((UNREADABLE_LABEL, f"{label_path} ({e})"))
-        return issues
+        return None, [(UNREADABLE_LABEL, f"{path} ({e})")]
     present = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
     illegal = present[~dataset.legal_raw_values()[present]]
     if illegal.size:
-        issues.append((ILLEGAL_VALUE, f"{label_path} (values {', '.join(map(str, illegal[:5]))})"))
-    if size is not None and size != (raw.shape[1], raw.shape[0]):
-        issues.append((SIZE_MISMATCH, f"{label_path} ({raw.shape[1]}x{raw.shape[0]}, image {size[0]}x{size[1]})"))
-    return issues
+        return raw, [(ILLEGAL_VALUE, f"{path} (values {', '.join(map(str, illegal[:5]))})")]
+    return raw, []
+
+
+def check_sizes(label_path: Path, image_size: tuple[int, int] | None,
+                label_size: tuple[int, int] | None) -> list[tuple[str, str]]:
+    """A :data:`SIZE_MISMATCH` finding if both sizes are known and differ."""
+    if image_size is None or label_size is None or image_size == label_size:
+        return []
+    return [(SIZE_MISMATCH, f"{label_path} ({label_size[0]}x{label_size[1]}, image {image_size[0]}x{image_size[1]})")]
+
+
+def expected_counts(name: str, root: Path) -> dict[str, int]:
+    """The counts a tree should have: recorded by the generator for the miniature, else official."""
+    marker = Path(root).parent / "SYNTH.json"
+    if marker.is_file():
+        try:
+            return json.loads(marker.read_text())["counts"].get(name, {})
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            raise UserError(f"{marker} is damaged; regenerate the miniature with `fishertune data synth` "
+                            "or pass --any-count") from None
+    return OFFICIAL_COUNTS.get(name, {})
+
+
+def _listing_signature(name: str, root: Path, split: str) -> str:
+    """Hash of what a check depends on: every file of the split's listing with its size and time."""
+    dataset = build_dataset(name, root, split, strict=False)
+    h = hashlib.sha256(f"{name}|{Path(root).resolve()}|{split}|{VERIFY_VERSION}".encode())
+    for image, label in dataset.scan.pairs:
+        for path in (image, label):
+            st = os.stat(path)
+            h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for image, _ in dataset.scan.images_without_label:
+        h.update(f"{image}|no label\n".encode())
+    h.update(json.dumps(expected_counts(name, root), sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def preflight(name: str, root: str | Path, split: str, cache: Path | None, progress: bool = True) -> None:
+    """The check every run makes before training: :func:`verify_dataset` on the split it reads, with the
+    expected counts; a :class:`UserError` (one line: the problems, the command for the full report) when
+    the tree is not usable. A passed check is remembered under ``cache`` for this exact listing (files,
+    sizes, modification times), so a sweep verifies each tree once."""
+    root = Path(root)
+    marker = None
+    if cache is not None:
+        marker = Path(cache) / "verified" / f"{name}-{split}-{_listing_signature(name, root, split)}"
+        if marker.is_file():
+            return
+    report = verify_dataset(name, root, split=split, expected=expected_counts(name, root), progress=progress)
+    if not report.ok:
+        raise UserError(f"{name} at {root} is not usable: {' | '.join(report.problems)}; see "
+                        f"`fishertune data verify {name} --root {root} --split {split}`")
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(report.counts) + "\n")
+        os.replace(tmp, marker)

@@ -28,7 +28,7 @@ DEFAULT_TOLERANCE = 0.5
 
 def collect(lm: LoadedManifest, results: str | Path) -> dict[str, Any]:
     """Per-class IoU of every cell of the manifest, read from its finished results."""
-    store = ResultStore(results, lm.manifest.name)
+    store = ResultStore(results, lm.results_name)
     cells = {}
     for cell in lm.cells():
         path = store.path(cell.id)
@@ -43,7 +43,7 @@ def collect(lm: LoadedManifest, results: str | Path) -> dict[str, Any]:
 
 
 def write(lm: LoadedManifest, results: str | Path, out: str | Path | None = None) -> Path:
-    path = Path(out) if out else REGRESSION_DIR / f"{lm.manifest.name}.json"
+    path = Path(out) if out else REGRESSION_DIR / f"{lm.results_name}.json"
     atomic_write_text(path, json.dumps(collect(lm, results), indent=1, sort_keys=True) + "\n")
     return path
 
@@ -73,7 +73,7 @@ def compare(stored: dict[str, Any], fresh: dict[str, Any], tolerance: float) -> 
 
 
 def check(lm: LoadedManifest, results: str | Path, tolerance: float, stored_path: str | Path | None = None) -> list[str]:
-    path = Path(stored_path) if stored_path else REGRESSION_DIR / f"{lm.manifest.name}.json"
+    path = Path(stored_path) if stored_path else REGRESSION_DIR / f"{lm.results_name}.json"
     if not path.is_file():
         raise UserError(f"no stored regression numbers at {path}; create them with `fishertune regression write {lm.path}`")
     return compare(json.loads(path.read_text()), collect(lm, results), tolerance)

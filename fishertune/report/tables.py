@@ -41,9 +41,10 @@ def load_table_results(results: str | Path, table: str, manifest: str | None = N
     if not found:
         which = f" from manifest {manifest!r}" if manifest else ""
         raise UserError(f"no finished {table} cells{which} under {results}; run `fishertune run benchmarks/{table}.yaml` first")
-    kinds = {(r["manifest"]["name"], r["manifest"]["version"], r["manifest"]["data_kind"]) for r in found}
+    kinds = {(r["manifest"]["name"], r["manifest"]["version"], r["manifest"]["data_kind"],
+              r["manifest"].get("data_subset") or 0) for r in found}
     if len(kinds) > 1:
-        listed = ", ".join(f"{n} v{v} ({k})" for n, v, k in sorted(kinds))
+        listed = ", ".join(f"{n} v{v} ({k}{f', subset {sub}' if sub else ''})" for n, v, k, sub in sorted(kinds))
         raise UserError(f"{results} holds {table} results of several manifests or versions ({listed}); "
                         f"pick one with --manifest NAME or point --results at one manifest's directory")
     return found
@@ -86,6 +87,9 @@ def caption(table: str, results: list[dict[str, Any]]) -> str:
     if man["data_kind"] == "miniature":
         cfg = r["config"]["data"]
         data += f", synth seed {cfg['synth_seed']}, {cfg['synth_images']} images per split"
+    if man.get("data_subset"):
+        data += (f"; SUBSET: {man['data_subset']} class-balanced images of the source and of each target "
+                 "(not the full sets)")
     titles = {"table1": "GTAV -> Cityscapes, BDD100K, Mapillary; mIoU (%)"}
     number = table.removeprefix("table")
     name = f"Table {number}" if number.isdigit() else table.capitalize()

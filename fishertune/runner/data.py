@@ -46,8 +46,19 @@ def data_roots(m: Manifest, names: list[str], progress: bool = True) -> dict[str
 
 
 def open_datasets(m: Manifest, progress: bool = True):
-    """The source training reader and one evaluation reader per target (checks the trees exist)."""
+    """The source training reader and one evaluation reader per target, after verifying each tree
+    (pairs, counts, label values, sizes); with ``data.subset``, class-balanced subsets of them."""
+    from fishertune.data.verify import preflight
+
     roots = data_roots(m, [m.source, *m.targets], progress)
+    # the same check as `fishertune data verify`, before any training (remembered once passed)
+    for name, split in [(m.source, SPLITS[m.source][0]), *((t, SPLITS[t][1]) for t in m.targets)]:
+        preflight(name, roots[name], split, cache_dir(), progress)
     source = build_dataset(m.source, roots[m.source], SPLITS[m.source][0])
     targets = {t: build_dataset(t, roots[t], SPLITS[t][1]) for t in m.targets}
+    if m.data.subset:
+        from fishertune.data.subset import class_balanced_subset
+
+        source = class_balanced_subset(source, m.data.subset, m.seed, cache_dir(), progress)
+        targets = {t: class_balanced_subset(d, m.data.subset, m.seed, cache_dir(), progress) for t, d in targets.items()}
     return source, targets

@@ -39,6 +39,9 @@ class DataConfig(Strict):
     roots: dict[str, str] = Field(default_factory=dict, description="per-data-set directories, overriding root")
     synth_seed: int = Field(0, description="miniature: seed of the scene generator")
     synth_images: int = Field(12, ge=2, description="miniature: images per split and data set")
+    subset: int | None = Field(None, gt=0, description="use a deterministic, class-balanced subset of this many "
+                               "images of the source and of each target (per ACDC condition); null: all. "
+                               "Results and tables say so")
 
     @field_validator("roots")
     @classmethod
@@ -206,8 +209,10 @@ def _explain(err: dict[str, Any]) -> str:
     return f"{field}: {err['msg']} (got {value!r})" if not isinstance(value, (dict, list)) else f"{field}: {err['msg']}"
 
 
-def load_manifest(path: str | Path) -> "LoadedManifest":
-    """Read, merge and validate a manifest; any problem is a one-line :class:`UserError`."""
+def load_manifest(path: str | Path, overrides: dict[str, Any] | None = None) -> "LoadedManifest":
+    """Read, merge and validate a manifest; any problem is a one-line :class:`UserError`.
+
+    ``overrides`` (from the command line, e.g. ``{"data": {"subset": 50}}``) are merged last."""
     path = Path(path)
     raw = _read_yaml(path)
     merged = defaults()
@@ -221,6 +226,8 @@ def load_manifest(path: str | Path) -> "LoadedManifest":
             raise UserError(f"{inc_path}: include: only one level of include is allowed; merge that file into {path.name}")
         merged = _merge(merged, inc)
     merged = _merge(merged, raw)
+    if overrides:
+        merged = _merge(merged, overrides)
     try:
         manifest = Manifest(**merged)
     except ValidationError as e:
@@ -248,6 +255,13 @@ class Cell:
 class LoadedManifest:
     path: Path
     manifest: Manifest
+
+    @property
+    def results_name(self) -> str:
+        """The folder of this manifest's results: its name, plus ``-subset<N>`` for a subset run, so that
+        quick runs on a subset never sit beside (or get tabled with) full runs."""
+        m = self.manifest
+        return f"{m.name}-subset{m.data.subset}" if m.data.subset else m.name
 
     def cells(self) -> list[Cell]:
         """Expand backbones x methods to cells, validating every name and method config."""
@@ -280,7 +294,8 @@ class LoadedManifest:
                     "eval": {**m.eval.model_dump(mode="json"),
                              "test_sizes": {t: m.eval.test_sizes[t] for t in m.targets}},
                     "data": {"kind": m.data.kind}
-                    | ({"synth_seed": m.data.synth_seed, "synth_images": m.data.synth_images} if m.data.kind == "miniature" else {}),
+                    | ({"synth_seed": m.data.synth_seed, "synth_images": m.data.synth_images} if m.data.kind == "miniature" else {})
+                    | ({"subset": m.data.subset} if m.data.subset else {}),
                 }
                 digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
                 cell_id = f"{backbone}--{entry.row}--{m.source}--{digest}"

@@ -10,8 +10,10 @@ import fnmatch
 import resource
 import sys
 import time
+import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from fishertune.backbones import BACKBONES, build_backbone
@@ -49,6 +51,25 @@ def _peak_memory_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def _per_class(iou) -> dict[str, float | None]:
+    return {c: (None if v != v else 100.0 * float(v)) for c, v in zip(CLASSES, iou)}
+
+
+def _target_record(res) -> dict[str, Any]:
+    """One target's numbers in percent. With groups (ACDC's conditions) ``miou`` is the mean of the
+    groups' mIoU and ``per_class_iou`` the per-class mean over the groups (classes absent from a group
+    left out of its mean); ``pooled_miou`` and ``confusion`` are over all images at once."""
+    record = {"miou": 100.0 * res.miou, "per_class_iou": _per_class(res.iou), "confusion": res.confusion.tolist(),
+              "num_images": res.num_images}
+    if res.groups:
+        stacked = np.array([g.iou for g in res.groups.values()])
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from every group stays NaN
+            record["per_class_iou"] = _per_class(np.nanmean(stacked, axis=0))
+        record["pooled_miou"] = 100.0 * res.pooled_miou
+    return record
+
+
 def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torch.device) -> dict[str, Any]:
     """Train and evaluate one cell; return its result record (not yet written)."""
     m = lm.manifest
@@ -79,21 +100,17 @@ def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torc
     for name, dataset in targets.items():
         res = evaluate(segmentor, dataset, tuple(m.eval.test_sizes[name]), m.eval.crop_size, m.eval.stride,
                        ex.eval_batch, device, desc=f"eval {name}")
-        iou = res.iou
-        per_target[name] = {
-            "miou": 100.0 * res.miou,
-            "per_class_iou": {c: (None if v != v else 100.0 * float(v)) for c, v in zip(CLASSES, iou)},
-            "confusion": res.confusion.tolist(),
-            "num_images": res.num_images,
-            "test_size": list(m.eval.test_sizes[name]),
-        }
+        per_target[name] = _target_record(res) | {
+            "test_size": list(m.eval.test_sizes[name]), "crop_size": m.eval.crop_size, "stride": m.eval.stride}
+        if res.groups:
+            per_target[name]["groups"] = {g: _target_record(r) for g, r in res.groups.items()}
     aggregate = sum(t["miou"] for t in per_target.values()) / len(per_target)
     return {
         "schema": RESULT_SCHEMA,
         "status": "done",
         "cell_id": cell.id,
         "manifest": {"path": str(lm.path), "name": m.name, "version": m.version, "table": m.table,
-                     "data_kind": m.data.kind},
+                     "data_kind": m.data.kind, "data_subset": m.data.subset},
         "backbone": cell.backbone,
         "method": cell.method,
         "row": cell.row,
@@ -101,7 +118,8 @@ def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torc
         "targets": per_target,
         "aggregate": {"name": m.aggregate, "miou": aggregate},
         "params": params,
-        "train": {"seconds": stats.seconds, "losses": stats.losses, "source_images": len(source)},
+        "train": {"seconds": stats.seconds, "losses": stats.losses, "source_images": len(source),
+                  "source_subset": m.data.subset},
         "wall_time_s": time.perf_counter() - started,
         "peak_memory_mb": _peak_memory_mb(device),
         "device": device_name(device),
@@ -116,7 +134,7 @@ def run_manifest(lm: LoadedManifest, results: str, only: list[str] | None = None
     """Run every pending cell; returns ``(cell, "done" | "skipped")`` per selected cell."""
     m = lm.manifest
     cells = select_cells(lm.cells(), only)
-    store = ResultStore(results, m.name)
+    store = ResultStore(results, lm.results_name)
     store.check_writable()
     dev = resolve_device(device or m.execution.device)
     pending = [c for c in cells if not store.done(c.id)]
@@ -130,7 +148,7 @@ def run_manifest(lm: LoadedManifest, results: str, only: list[str] | None = None
             if spec.weights:
                 resolve_weights(spec.weights, m.weights.get(name), name)
     source, targets = open_datasets(m, progress)
-    for cell in bar(pending, desc=m.name, unit="cell", leave=True):
+    for cell in bar(pending, desc=lm.results_name, unit="cell", leave=True):
         result = run_cell(lm, cell, source, targets, dev)
         store.write(cell.id, result)
         outcome.append((cell, "done"))
