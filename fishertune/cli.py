@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "  gtav        labels/<n>_labelTrainIds.png (train ids) beside each labels/<n>.png\n"
                     "  cityscapes  gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png from the *_polygons.json "
                     "files\n"
-                    "              (needs: pip install 'fishertune-bench[cityscapes]')\n"
+                    "              (needs: pip install -e '.[cityscapes]' in the clone)\n"
                     "  mapillary   cityscapes_trainIdLabel/{train,val}/label/*.png (66 classes -> 19 by name) and\n"
                     "              the halved validation set half/val_img/*.jpg, half/val_label/*.png\n"
                     "  bdd100k     nothing to convert; every pair is checked\n"

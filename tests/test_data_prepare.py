@@ -516,7 +516,7 @@ def test_cityscapes_without_cityscapesscripts(tmp_path, monkeypatch, capsys):
     try:
         code, text = run_cli(capsys, "cityscapes", root)
         assert code == 2 and text.count("\n") == 1
-        assert "pip install 'fishertune-bench[cityscapes]'" in text
+        assert "pip install -e '.[cityscapes]' (in the clone) or pip install cityscapesscripts" in text
         assert not list(root.glob("gtFine/*/*/*.png"))
         for path in polygons:  # converted already (by anyone): nothing needs the package
             label = path.with_name(path.name.replace("_polygons.json", "_labelTrainIds.png"))

@@ -68,7 +68,7 @@ TRAIN_ID_LABELS = "train-id labels"
 HALVED_IMAGES = "halved validation images"
 HALVED_LABELS = "halved validation labels"
 JPEG_QUALITY = 75  # Pillow's default, which Rein's mapillary_resize.py gets from a plain save()
-CITYSCAPES_EXTRA = "pip install 'fishertune-bench[cityscapes]'"
+CITYSCAPES_EXTRA = "pip install -e '.[cityscapes]' (in the clone) or pip install cityscapesscripts"
 
 Issue = tuple[str, str]
 
