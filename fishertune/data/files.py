@@ -13,7 +13,8 @@ from fishertune.errors import UserError
 def read_image(path: Path) -> np.ndarray:
     """The image at ``path`` as a writable ``H x W x 3`` uint8 RGB array."""
     with Image.open(path) as image:
-        return np.array(image.convert("RGB"))
+        # convert() of an RGB image would only copy it: decode straight into the array instead
+        return np.array(image if image.mode == "RGB" else image.convert("RGB"))
 
 
 def read_label(path: Path) -> np.ndarray:

@@ -111,28 +111,45 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator, brightne
     Brightness (add a delta), then contrast either before or after the HSV part (scale), saturation
     (scale S) and hue (shift H); each step applied with probability 1/2, rounding to uint8 after each
     as mmseg does.
+
+    Every step maps each uint8 value of a channel to a uint8 value, so each is computed once on the 256
+    levels (in float32, exactly as it would be per pixel) and applied as a lookup table; consecutive
+    tables are composed. The result is the same, bit for bit, as running the steps per pixel.
     """
-
-    def convert(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
-        return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
-
+    pre = post = None  # uint8 tables applied to R, G, B before and after the HSV part
     if rng.integers(2):
-        image = convert(image, beta=rng.uniform(-brightness_delta, brightness_delta))
+        pre = _convert_lut(pre, beta=rng.uniform(-brightness_delta, brightness_delta))
     contrast_first = bool(rng.integers(2))
     if contrast_first and rng.integers(2):
-        image = convert(image, alpha=rng.uniform(*contrast_range))
+        pre = _convert_lut(pre, alpha=rng.uniform(*contrast_range))
     saturation = rng.uniform(*saturation_range) if rng.integers(2) else None
     hue = int(rng.integers(-hue_delta, hue_delta + 1)) if rng.integers(2) else None
-    if saturation is not None or hue is not None:
-        hsv = np.array(Image.fromarray(image).convert("HSV")).astype(np.float32)
-        if saturation is not None:
-            hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 255)
-        if hue is not None:  # PIL's hue runs over 0..255 where OpenCV's runs over 0..180
-            hsv[..., 0] = np.mod(np.round(hsv[..., 0] + hue * 256 / 180), 256)
-        image = np.array(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"))
     if not contrast_first and rng.integers(2):
-        image = convert(image, alpha=rng.uniform(*contrast_range))
-    return image
+        post = _convert_lut(None, alpha=rng.uniform(*contrast_range))
+    if saturation is None and hue is None:
+        lut = pre if post is None else post if pre is None else post[pre]
+        return image if lut is None else np.array(Image.fromarray(image).point(lut.tolist() * 3))
+    pil = Image.fromarray(image)
+    if pre is not None:
+        pil = pil.point(pre.tolist() * 3)
+    # PIL's hue runs over 0..255 where OpenCV's runs over 0..180
+    hue_lut = _LEVELS_U8 if hue is None else np.mod(np.round(_LEVELS + hue * 256 / 180), 256).astype(np.uint8)
+    sat_lut = _LEVELS_U8 if saturation is None else np.clip(_LEVELS * saturation, 0, 255).astype(np.uint8)
+    pil = pil.convert("HSV").point(hue_lut.tolist() + sat_lut.tolist() + _LEVELS_U8.tolist()).convert("RGB")
+    if post is not None:
+        pil = pil.point(post.tolist() * 3)
+    return np.array(pil)
+
+
+#: The 256 uint8 levels, as float32 (what the per-pixel steps compute in) and as uint8.
+_LEVELS = np.arange(256, dtype=np.float32)
+_LEVELS_U8 = np.arange(256, dtype=np.uint8)
+
+
+def _convert_lut(lut: np.ndarray | None, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """Table of ``clip(x * alpha + beta)`` rounded down to uint8 (mmseg's ``convert``), after ``lut``."""
+    step = np.clip(_LEVELS * alpha + beta, 0, 255).astype(np.uint8)
+    return step if lut is None else step[lut]
 
 
 class TestResize:
@@ -162,8 +179,14 @@ class TestResize:
 
 def to_tensor(image: np.ndarray, mean: tuple[float, float, float] = IMAGENET_MEAN,
               std: tuple[float, float, float] = IMAGENET_STD) -> torch.Tensor:
-    """``H x W x 3`` uint8 -> normalised float32 ``3 x H x W`` tensor."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return ((tensor - mean_t) / std_t).contiguous()
+    """``H x W x 3`` uint8 -> normalised float32 ``3 x H x W`` tensor.
+
+    Computed channel by channel in NumPy (float32 subtract, then divide: the same IEEE operations as
+    the tensor expression ``(x - mean) / std``), which avoids a strided permute and torch's
+    intra-op threads, slow for small tensors in a process that also trains.
+    """
+    out = np.empty((3, *image.shape[:2]), dtype=np.float32)
+    for c in range(3):
+        np.subtract(image[..., c], np.float32(mean[c]), out=out[c], dtype=np.float32)
+        np.divide(out[c], np.float32(std[c]), out=out[c])
+    return torch.from_numpy(out)

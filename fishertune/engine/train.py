@@ -43,7 +43,7 @@ class TrainStream(Dataset):
         sample = self.dataset[self.index_of(k)]
         rng = np.random.default_rng([self.seed, 1, k])
         image, label = self.transform(sample["image"], sample["label"], rng)
-        return to_tensor(image), torch.from_numpy(np.ascontiguousarray(label)).long()
+        return to_tensor(image), torch.from_numpy(label.astype(np.int64))  # NumPy: no torch threads per sample
 
 
 @dataclass
@@ -55,7 +55,15 @@ class TrainStats:
 
 def source_batches(dataset, transform: TrainTransform, seed: int, batch_size: int, num_workers: int = 0,
                    start: int = 0, stop: int | None = None) -> DataLoader:
-    """Batches of the seeded stream from sample ``start * batch_size`` up to batch ``stop``."""
+    """Batches of the seeded stream from sample ``start * batch_size`` up to batch ``stop``.
+
+    Workers decode and augment (a full-size sample costs tens of ms of CPU, mostly PNG decoding and
+    the resize; see ``benchmarks/perf``); batches are pinned when CUDA is there. Workers need no
+    seeding: a sample draws only from its own generator, seeded by ``(seed, k)``, so batch ``i`` is
+    the same for any ``num_workers``. Workers are not persistent because the loader is iterated
+    once (a run is one pass over its sampler), and the default prefetch (2 batches per worker)
+    already keeps every worker busy; more would only hold more shared memory.
+    """
     stream = TrainStream(dataset, transform, seed)
     sampler = range(start * batch_size, stop * batch_size) if stop is not None else range(start * batch_size, 2**62)
     return DataLoader(stream, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
