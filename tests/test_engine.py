@@ -58,3 +58,15 @@ def test_param_groups_exempt_norms_embeddings_tokens_and_scales():
     assert {"vit.blocks.0.attn.qkv.weight", "vit.blocks.0.mlp.fc1.weight", "vit.patch_embed.proj.weight"} <= decay_names
     assert not plain_names & decay_names
     assert len(plain_names) + len(decay_names) == sum(1 for _ in model.parameters())
+
+
+def test_training_batches_do_not_depend_on_the_number_of_loader_workers(synth_root):
+    from fishertune.data import TrainTransform, build_dataset
+    from fishertune.engine.train import source_batches
+
+    gtav = build_dataset("gtav", synth_root / "gtav", "train")
+    transform = TrainTransform(crop_size=32, short_edge_range=(32, 64), max_long_edge=128)
+    runs = [list(source_batches(gtav, transform, seed=5, batch_size=2, num_workers=w, start=1, stop=4)) for w in (0, 2)]
+    assert len(runs[0]) == len(runs[1]) == 3
+    for (xa, ya), (xb, yb) in zip(*runs):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
