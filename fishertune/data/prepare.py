@@ -7,7 +7,7 @@ What each data set gets (DESIGN section 4; Rein's ``tools/convert_datasets/`` an
   applied by the reader's :meth:`~fishertune.data.datasets.SegDataset.map_label`.
 - ``cityscapes``: ``gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png`` from the
   ``*_gtFine_polygons.json`` beside them, drawn by cityscapesscripts (``json2labelImg``'s
-  ``createLabelImage(annotation, "trainIds")``; the optional extra ``fishertune-bench[cityscapes]``),
+  ``createLabelImage(annotation, "trainIds")``; the optional extra ``cityscapes``),
   as ``cityscapes.py`` (which also converts the test split's placeholder polygons; we convert the
   two splits that are read). A tree without polygon files (the miniature) is only checked.
 - ``mapillary``: ``cityscapes_trainIdLabel/{train,val}/label/<key>.png``, the 66 v1.2 ids mapped to
