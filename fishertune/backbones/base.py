@@ -5,7 +5,9 @@ ordered transformer blocks, which a tuning method may wrap or replace in place) 
 ``forward_features(x) -> list[Tensor]``: the token maps of four chosen layers rescaled to four strides,
 as Rein feeds its decode head (x4, x2, x1 and x0.5 of the patch grid, i.e. strides 4/8/16/32 for
 patch 16). ``qkv()`` says where each attention keeps its query, key and value weights, so methods and
-selectors can address q, k and v without knowing the family.
+selectors can address q, k and v without knowing the family; ``mlp_norm(i)`` is the norm whose output
+feeds block ``i``'s MLP (its input is the block's residual stream before the MLP branch), so methods can
+hook the MLP branch without knowing the block's internals.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def qkv(self) -> list[QKV]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def mlp_norm(self, i: int) -> nn.Module:  # pragma: no cover - abstract
+        """The norm whose output feeds block ``i``'s MLP, called once per block forward."""
         raise NotImplementedError
 
     @staticmethod

@@ -131,6 +131,10 @@ class CLIPBackbone(Backbone):
         return [QKV(block=i, module=blk.attn, weight="in_proj_weight", bias="in_proj_bias", dim=self.embed_dim)
                 for i, blk in enumerate(self.blocks)]
 
+    def mlp_norm(self, i: int) -> nn.Module:
+        """The norm feeding block ``i``'s MLP (see :meth:`Backbone.mlp_norm`)."""
+        return self.blocks[i].ln_2
+
 
 def clip_vit(img_size: int, patch_size: int, width: int, layers: int, heads: int, quick_gelu: bool,
              drop_path_rate: float = 0.0, **kwargs) -> CLIPBackbone:

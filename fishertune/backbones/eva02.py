@@ -138,6 +138,10 @@ class Eva02Backbone(Backbone):
         return [QKV(block=i, module=blk.attn.qkv, weight="weight", bias=None, dim=self.embed_dim)
                 for i, blk in enumerate(self.eva.blocks)]
 
+    def mlp_norm(self, i: int) -> nn.Module:
+        """The norm feeding block ``i``'s MLP (see :meth:`Backbone.mlp_norm`)."""
+        return self.eva.blocks[i].norm2
+
 
 def convert_eva02(state: dict[str, torch.Tensor], eva: nn.Module) -> dict[str, torch.Tensor]:
     """The official EVA-02 layout -> ``eva``'s state dict (see the module docstring)."""

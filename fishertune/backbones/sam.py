@@ -147,6 +147,10 @@ class SamBackbone(Backbone):
             for i, blk in enumerate(self.encoder.blocks)
         ]
 
+    def mlp_norm(self, i: int) -> nn.Module:
+        """The norm feeding block ``i``'s MLP (see :meth:`Backbone.mlp_norm`)."""
+        return self.encoder.blocks[i].norm2
+
 
 def _sam(
     img_size: int,

@@ -58,3 +58,7 @@ class TimmViTBackbone(Backbone):
                 dim=self.embed_dim)
             for i, blk in enumerate(self.vit.blocks)
         ]
+
+    def mlp_norm(self, i: int) -> nn.Module:
+        """The norm feeding block ``i``'s MLP (see :meth:`Backbone.mlp_norm`)."""
+        return self.vit.blocks[i].norm2
