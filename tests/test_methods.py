@@ -1,6 +1,7 @@
 """Contract test: every registered method on every tiny backbone.
 
-After ``apply`` and one optimizer step, exactly the parameters the method reports as trainable
+After ``apply`` and two optimizer steps (a zero-initialised factor, as LoRA's B or AdaptFormer's up
+projection, leaves its partner without gradient on the first), exactly the parameters the method reports as trainable
 (backbone side) have moved, the head always trains, and the count equals the paper-column number.
 """
 
@@ -30,9 +31,11 @@ def test_method_contract(backbone, method):
     # (layer scale makes raw gradients too small for SGD to register in float32)
     opt = torch.optim.Adam([p for p in seg.parameters() if p.requires_grad], lr=1e-2)
     images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 19, (2, 64, 64))
-    seg.loss(images, labels).backward()
-    m.after_backward(seg, 0)
-    opt.step()
+    for it in range(2):
+        opt.zero_grad()
+        seg.loss(images, labels).backward()
+        m.after_backward(seg, it)
+        opt.step()
     moved_backbone = sum(
         int((p.detach() != before[f"backbone.{n}"]).sum()) for n, p in seg.backbone.named_parameters())
     reported = m.trainable_backbone_params(seg)
