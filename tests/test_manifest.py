@@ -50,7 +50,7 @@ BAD = [
     ("not a mapping", "- a\n- b\n", "a manifest is a YAML mapping"),
     ("bad data kind", GOOD + "data: {kind: fake}\n", "data.kind"),
     ("unknown head", GOOD + "head: {name: mask2formr}\n", "unknown head 'mask2formr'"),
-    ("head option", GOOD + "head: {config: {chanels: 8}}\n", "head 'light' has no option 'chanels'"),
+    ("head option", GOOD + "head: {config: {chanels: 8}}\n", "head 'mask2former' has no option 'chanels'"),
     ("duplicate cell", GOOD.replace("full, freeze", "full, full"), "the same cell appears twice"),
 ]
 
