@@ -1,6 +1,5 @@
 """AdaptFormer: parallel MLP adapters fed the pre-MLP residual stream, on every family."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -96,19 +95,3 @@ def test_config_errors_are_one_line(config, field):
     with pytest.raises(UserError) as e:
         build_method("adaptformer", config, where="manifest.yaml")
     assert "\n" not in str(e.value) and repr(field) in str(e.value)
-
-
-@pytest.mark.parametrize("backbone, count", [
-    ("clip-l", 24 * (1024 * 64 + 64 + 64 * 1024 + 1024)),  # 3,171,840: the paper's 3.17M
-    ("dinov2-l", 3_171_840), ("eva02-l", 3_171_840), ("mae-l", 3_171_840),
-    ("sam-h", 32 * (1280 * 64 + 64 + 64 * 1280 + 1280)),   # 5,285,888
-    ("mae-h", 5_285_888),
-])
-def test_full_size_counts_on_the_meta_device(backbone, count):
-    with torch.device("meta"):
-        bb = build_backbone(backbone, pretrained=False, img_size=512)
-        m = build_method("adaptformer")
-        seg = SimpleNamespace(backbone=bb)
-        m.apply(seg, MethodContext(device=torch.device("meta"), seed=0))
-    assert m.trainable_backbone_params(seg) == count
-    assert all(p.is_meta for p in bb.parameters())

@@ -69,3 +69,20 @@ def test_unknown_backbone_or_method_is_one_line_and_exit_2(capsys, tmp_path):
     assert err.count("\n") == 1 and "dinov2-" in err and "did you mean" in err
     assert main(["params", "--methods", "lorra", "--output", str(out)]) == 2
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method, backbone, count", [
+    ("lora", "clip-l", 24 * 2 * (8 * 1024 + 1024 * 8)),  # 786,432: rank 8 on q and v, the paper's 0.79M
+    ("lora", "dinov2-l", 786_432), ("lora", "eva02-l", 786_432), ("lora", "mae-l", 786_432),
+    ("lora", "sam-h", 32 * 2 * (8 * 1280 + 1280 * 8)),  # 1,310,720 on the 32-block, width-1280 ViT-H
+    ("lora", "mae-h", 1_310_720),
+    ("adaptformer", "clip-l", 24 * (1024 * 64 + 64 + 64 * 1024 + 1024)),  # 3,171,840: the paper's 3.17M
+    ("adaptformer", "dinov2-l", 3_171_840), ("adaptformer", "eva02-l", 3_171_840), ("adaptformer", "mae-l", 3_171_840),
+    ("adaptformer", "sam-h", 32 * (1280 * 64 + 64 + 64 * 1280 + 1280)),  # 5,285,888
+    ("adaptformer", "mae-h", 5_285_888),
+])
+def test_peft_methods_train_the_paper_sized_parameter_sets_on_every_full_size_backbone(method, backbone, count):
+    from fishertune.report.params import parameter_rows
+
+    (row,) = parameter_rows([backbone], [method])
+    assert row["backbone_trainable"] == count
