@@ -30,3 +30,21 @@ def synth_images() -> int:
 def synth_counts(synth_root) -> dict[str, dict[str, int]]:
     """Pairs per data set and split as recorded by the synthesizer in SYNTH.json."""
     return json.loads((synth_root / "SYNTH.json").read_text())["counts"]
+
+
+MINI_PROTOCOL = Path(__file__).resolve().parents[1] / "benchmarks" / "mini" / "protocol.yaml"
+
+
+@pytest.fixture
+def mini_manifest(tmp_path, synth_root):
+    """``write(name, body, data=None) -> Path``: a manifest over the mini protocol with one tiny
+    backbone, reading the session's miniature (or ``data``, a YAML flow mapping) ; ``body`` adds fields."""
+
+    def write(name: str, body: str, data: str | None = None, table: str = "table1") -> Path:
+        data = data or f"{{root: {synth_root}, synth_images: {SYNTH_IMAGES}}}"
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"version: 1\nname: {name}\ntable: {table}\ninclude: {MINI_PROTOCOL}\n"
+                        f"backbones: [dinov2-tiny]\n{body}data: {data}\n")
+        return path
+
+    return write

@@ -5,7 +5,6 @@ numbers stored in results/regression/ by `fishertune regression write`.
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -101,12 +100,8 @@ def test_render_writes_markdown_and_latex_naming_the_miniature(mini_run, tmp_pat
     assert f"{r['targets']['cityscapes']['miou']:.1f} / -" in md
 
 
-def test_same_seed_gives_identical_per_class_iou(tmp_path, monkeypatch, synth_root):
-    manifest = tmp_path / "det.yaml"
-    manifest.write_text(
-        f"version: 1\nname: det\ntable: table1\ninclude: {MINI.parent / 'protocol.yaml'}\n"
-        f"backbones: [dinov2-tiny]\nmethods: [full]\ntrain: {{iterations: 25}}\n"
-        f"data: {{root: {synth_root}, synth_images: 6}}\n")
+def test_same_seed_gives_identical_per_class_iou(tmp_path, mini_manifest):
+    manifest = mini_manifest("det", "methods: [full]\ntrain: {iterations: 25}\n")
     lm = load_manifest(manifest)
     runs = []
     for name in ("a", "b"):
@@ -136,12 +131,9 @@ def test_paper_numbers_sit_beside_ours_with_the_papers_own_inconsistency_flagged
     assert len(notes) == 1 and "60.97" in notes[0]
 
 
-def test_table2_protocol_reports_acdc_per_condition_and_their_mean(tmp_path, synth_root):
-    manifest = tmp_path / "t2.yaml"
-    manifest.write_text(
-        f"version: 1\nname: t2\ntable: table2\ninclude: {MINI.parent / 'protocol.yaml'}\n"
-        f"backbones: [dinov2-tiny]\nmethods: [freeze]\nsource: cityscapes\ntargets: [bdd100k, acdc]\n"
-        f"train: {{iterations: 10}}\ndata: {{root: {synth_root}, synth_images: 6}}\n")
+def test_table2_protocol_reports_acdc_per_condition_and_their_mean(tmp_path, mini_manifest):
+    manifest = mini_manifest("t2", "methods: [freeze]\nsource: cityscapes\ntargets: [bdd100k, acdc]\n"
+                                   "train: {iterations: 10}\n", table="table2")
     lm = load_manifest(manifest)
     run_manifest(lm, str(tmp_path / "runs"), progress=False)
     (path,) = (tmp_path / "runs" / "t2").glob("*.json")
@@ -156,14 +148,11 @@ def test_table2_protocol_reports_acdc_per_condition_and_their_mean(tmp_path, syn
     assert acdc["confusion"] == pooled
 
 
-def test_the_mask2former_head_trains_and_evaluates_through_the_runner(tmp_path, synth_root):
+def test_the_mask2former_head_trains_and_evaluates_through_the_runner(tmp_path, mini_manifest):
     from fishertune.heads import build_head
 
-    manifest = tmp_path / "m2f.yaml"
-    manifest.write_text(
-        f"version: 1\nname: m2f\ntable: table1\ninclude: {MINI.parent / 'protocol.yaml'}\n"
-        f"backbones: [dinov2-tiny]\nmethods: [freeze]\nhead: {{name: mask2former-tiny, config: {{}}}}\n"
-        f"train: {{iterations: 60}}\nexecution: {{log_every: 10}}\ndata: {{root: {synth_root}, synth_images: 6}}\n")
+    manifest = mini_manifest("m2f", "methods: [freeze]\nhead: {name: mask2former-tiny, config: {}}\n"
+                                    "train: {iterations: 60}\nexecution: {log_every: 10}\n")
     run_manifest(load_manifest(manifest), str(tmp_path / "runs"), progress=False)
     (path,) = (tmp_path / "runs" / "m2f").glob("*.json")
     r = json.loads(path.read_text())

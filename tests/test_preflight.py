@@ -10,9 +10,6 @@ from PIL import Image
 
 from fishertune.cli import main
 
-PROTOCOL = Path(__file__).resolve().parents[1] / "benchmarks" / "mini" / "protocol.yaml"
-
-
 def _first(root: Path, pattern: str) -> Path:
     return sorted(root.glob(pattern))[0]
 
@@ -52,14 +49,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("breakage, problem", CASES, ids=[c[0].__name__.strip("_") for c in CASES])
-def test_a_run_refuses_to_start_on_a_broken_tree(breakage, problem, synth_root, tmp_path, monkeypatch, capsys):
+def test_a_run_refuses_to_start_on_a_broken_tree(breakage, problem, synth_root, tmp_path, monkeypatch, capsys,
+                                                 mini_manifest):
     monkeypatch.setenv("FISHERTUNE_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "data"
     shutil.copytree(synth_root, data)
     breakage(data)
-    manifest = tmp_path / "m.yaml"
-    manifest.write_text(f"version: 1\nname: broken\ntable: table1\ninclude: {PROTOCOL}\nbackbones: [dinov2-tiny]\n"
-                        f"methods: [freeze]\ntrain: {{iterations: 2}}\ndata: {{kind: real, root: {data}}}\n")
+    manifest = mini_manifest("broken", "methods: [freeze]\ntrain: {iterations: 2}\n", data=f"{{kind: real, root: {data}}}")
     results = tmp_path / "runs"
     assert main(["run", str(manifest), "--results", str(results), "--no-render"]) == 2
     err = capsys.readouterr().err

@@ -1,9 +1,9 @@
 """--subset N: deterministic, class-balanced subsets; results and tables that say they are subsets."""
 
 import json
+import os
 
 import numpy as np
-import pytest
 
 from fishertune.cli import main
 from fishertune.data import build_dataset
@@ -46,10 +46,7 @@ def test_class_presence_is_cached_and_read_again_when_a_label_changes(synth_root
     assert (class_presence(city, cache=tmp_path, progress=False) == first).all()
     monkeypatch.undo()
     label = city.pairs[0][1]
-    label.touch()  # a changed tree (modification time) is a new listing
-    import os
-
-    st = os.stat(label)
+    st = os.stat(label)  # a changed file (its modification time) makes a new listing
     os.utime(label, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     class_presence(city, cache=tmp_path, progress=False)
     assert len(list((tmp_path / "class-presence").glob("*.npy"))) == 2
@@ -62,13 +59,8 @@ def test_acdc_subset_takes_n_per_condition(synth_root):
     assert all(acdc.scan.groups[i] == g for i, g in zip(sub.indices, sub.scan.groups))
 
 
-def test_a_subset_run_is_stored_apart_and_tabled_as_a_subset(tmp_path, synth_root, capsys):
-    from pathlib import Path
-
-    protocol = Path(__file__).resolve().parents[1] / "benchmarks" / "mini" / "protocol.yaml"
-    manifest = tmp_path / "m.yaml"
-    manifest.write_text(f"version: 1\nname: quick\ntable: table1\ninclude: {protocol}\nbackbones: [dinov2-tiny]\n"
-                        f"methods: [freeze]\ntrain: {{iterations: 3}}\ndata: {{root: {synth_root}, synth_images: 6}}\n")
+def test_a_subset_run_is_stored_apart_and_tabled_as_a_subset(tmp_path, mini_manifest, capsys):
+    manifest = mini_manifest("quick", "methods: [freeze]\ntrain: {iterations: 3}\n")
     assert main(["run", str(manifest), "--subset", "3", "--results", str(tmp_path / "runs"), "--no-render"]) == 0
     (path,) = (tmp_path / "runs" / "quick-subset3").glob("*.json")
     r = json.loads(path.read_text())
