@@ -8,11 +8,29 @@ patch 16). ``qkv()`` says where each attention keeps its query, key and value we
 selectors can address q, k and v without knowing the family; ``mlp_norm(i)`` is the norm whose output
 feeds block ``i``'s MLP (its input is the block's residual stream before the MLP branch), so methods can
 hook the MLP branch without knowing the block's internals.
+
+Token extensions. Methods that work on the token sequence (VPT's prompts, VQT's query tokens, Rein's
+per-layer refinement) install one :class:`TokenExtension` with :meth:`Backbone.set_token_extension`;
+every family's block loop then calls it around each block, so a method is written once for all five
+families. Per block ``i`` (see :class:`TokenExtension`):
+
+* prompts ``(B, P, C)`` join the block's input; every token attends to them; their outputs are dropped;
+* queries ``(B, T, C)`` join the block's input and attend to every token (themselves included), but no
+  other token attends to them, so the frozen tokens are unchanged; their outputs go back to the
+  extension;
+* ``refine`` maps the block's output patch tokens ``(B, N, C)`` (prefix tokens left out) to new ones.
+
+Sequence families (timm ViTs, EVA-02, open_clip) put the extra tokens right after the prefix tokens
+(class token), as VPT does, and pass a boolean attention mask only when there are queries. EVA-02's
+rotary embedding skips prefix tokens; the extra tokens get the identity rotation (sin 0, cos 1), so they
+carry no position, like the class token. SAM's windowed (B, H, W, C) blocks run their attention through
+:func:`fishertune.backbones.sam` 's own extension path (see that module).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +70,38 @@ def default_out_indices(depth: int) -> tuple[int, ...]:
     return tuple(round((i + 1) * depth / 4) - 1 for i in range(4))
 
 
+class TokenExtension(nn.Module):
+    """Per-block hooks on the token sequence (module docstring); subclasses override what they use.
+
+    Installed as the backbone's submodule ``token_extension``, so its parameters count on the backbone
+    side, as the paper's "Trainable Params" column counts Rein's tokens and VPT's prompts.
+    """
+
+    #: whether :meth:`refine` changes anything (the block loop skips the split and join otherwise)
+    refines: bool = False
+
+    def prompts(self, i: int, batch: int) -> torch.Tensor | None:
+        """``(batch, P, C)`` tokens every token of block ``i`` attends to; dropped after the block."""
+        return None
+
+    def queries(self, i: int, batch: int) -> torch.Tensor | None:
+        """``(batch, T, C)`` tokens that read every token of block ``i`` and are read by none."""
+        return None
+
+    def take_query_outputs(self, i: int, out: torch.Tensor) -> None:
+        """Receives block ``i``'s output for the query tokens, ``(batch, T, C)``."""
+
+    def refine(self, i: int, patches: torch.Tensor) -> torch.Tensor:
+        """Block ``i``'s output patch tokens ``(batch, N, C)`` -> new ones (only if :attr:`refines`)."""
+        return patches
+
+
+#: ``call(block, tokens, n_extra, mask) -> tokens``: runs one block of a sequence family
+BlockCall = Callable[[nn.Module, torch.Tensor, int, "torch.Tensor | None"], torch.Tensor]
+
+
 class Backbone(nn.Module):
-    """Base class: subclasses set the attributes below and implement ``tokens_to_maps`` inputs."""
+    """Base class: subclasses set the attributes below and implement the abstract methods."""
 
     family: str
     embed_dim: int
@@ -71,6 +119,48 @@ class Backbone(nn.Module):
     def mlp_norm(self, i: int) -> nn.Module:  # pragma: no cover - abstract
         """The norm whose output feeds block ``i``'s MLP, called once per block forward."""
         raise NotImplementedError
+
+    num_prefix_tokens: int = 0
+
+    def get_token_extension(self) -> TokenExtension | None:
+        """The installed :class:`TokenExtension`, or ``None``."""
+        return self._modules.get("token_extension")  # type: ignore[return-value]
+
+    def set_token_extension(self, extension: TokenExtension) -> None:
+        """Install ``extension`` (one per backbone: two token methods cannot be stacked)."""
+        if self.get_token_extension() is not None:
+            raise ValueError(f"this backbone already has a token extension "
+                             f"({type(self.get_token_extension()).__name__}); methods using one cannot be combined")
+        self.add_module("token_extension", extension)
+
+    def run_sequence_block(self, i: int, block: nn.Module, t: torch.Tensor, call: BlockCall) -> torch.Tensor:
+        """Run block ``i`` on ``t`` ``(B, L, C)`` (``num_prefix_tokens`` prefix tokens first), applying the
+        token extension; ``call`` runs the block with ``n_extra`` tokens inserted after the prefix and an
+        optional boolean attention mask (True = may attend)."""
+        ext = self.get_token_extension()
+        if ext is None:
+            return call(block, t, 0, None)
+        b, npt = t.shape[0], self.num_prefix_tokens
+        prompts, queries = ext.prompts(i, b), ext.queries(i, b)
+        p = 0 if prompts is None else prompts.shape[1]
+        q = 0 if queries is None else queries.shape[1]
+        if p or q:
+            extra = [x.to(t.dtype) for x in (prompts, queries) if x is not None]
+            t = torch.cat([t[:, :npt], *extra, t[:, npt:]], dim=1)
+            mask = None
+            if q:
+                mask = torch.ones(t.shape[1], t.shape[1], dtype=torch.bool, device=t.device)
+                mask[:, npt + p : npt + p + q] = False  # no token reads the queries...
+                mask[npt + p : npt + p + q, :] = True  # ...except the queries themselves
+            t = call(block, t, p + q, mask)
+            if q:
+                ext.take_query_outputs(i, t[:, npt + p : npt + p + q])
+            t = torch.cat([t[:, :npt], t[:, npt + p + q :]], dim=1)
+        else:
+            t = call(block, t, 0, None)
+        if ext.refines:
+            t = torch.cat([t[:, :npt], ext.refine(i, t[:, npt:])], dim=1)
+        return t
 
     @staticmethod
     def multiscale(maps: list[torch.Tensor]) -> list[torch.Tensor]:

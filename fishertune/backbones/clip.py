@@ -85,6 +85,7 @@ class CLIPBackbone(Backbone):
         self.num_layers = len(visual.transformer.resblocks)
         self.out_indices = tuple(out_indices or default_out_indices(self.num_layers))
         self.batch_first = visual.transformer.batch_first
+        self.num_prefix_tokens = 1  # the class token
         rates = torch.linspace(0, drop_path_rate, self.num_layers, device="cpu").tolist()
         for block, rate in zip(self.blocks, rates):
             if rate > 0:
@@ -117,15 +118,21 @@ class CLIPBackbone(Backbone):
         b = x.shape[0]
         gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         t = self._embed(x)
-        if not self.batch_first:
-            t = t.transpose(0, 1)  # NLD -> LND
         maps = []
         for i, block in enumerate(self.blocks):
-            t = block(t)
+            t = self.run_sequence_block(i, block, t, self._call_block)
             if i in self.out_indices:
-                tokens = t if self.batch_first else t.transpose(0, 1)
-                maps.append(tokens[:, 1:, :].transpose(1, 2).reshape(b, self.embed_dim, gh, gw))
+                maps.append(t[:, 1:, :].transpose(1, 2).reshape(b, self.embed_dim, gh, gw))
         return self.multiscale(maps)
+
+    def _call_block(self, block: nn.Module, t: torch.Tensor, n_extra: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """One open_clip block on batch-first ``t``. open_clip casts ``attn_mask`` to the tokens' dtype and
+        adds it, so the boolean mask becomes an additive one (0 / -inf) here."""
+        if mask is not None:
+            mask = torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_fill_(~mask, float("-inf"))
+        if self.batch_first:
+            return block(t, attn_mask=mask)
+        return block(t.transpose(0, 1), attn_mask=mask).transpose(0, 1)  # older open_clip: LND blocks
 
     def qkv(self) -> list[QKV]:
         return [QKV(block=i, module=blk.attn, weight="in_proj_weight", bias="in_proj_bias", dim=self.embed_dim)

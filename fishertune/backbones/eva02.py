@@ -61,6 +61,8 @@ with patch 16 (Rein), ``patch_size=14`` keeps the native patching (then use an i
 
 from __future__ import annotations
 
+from functools import partial
+
 import math
 import re
 from pathlib import Path
@@ -98,6 +100,17 @@ def eva02_model(img_size: int, patch_size: int, **arch) -> nn.Module:
     )
 
 
+def _call_block(block: nn.Module, t: torch.Tensor, n_extra: int, mask: torch.Tensor | None,
+                rope: torch.Tensor | None) -> torch.Tensor:
+    """One EVA block; ``n_extra`` tokens after the prefix get the identity rotation (sin 0, cos 1)."""
+    if n_extra and rope is not None:
+        sin, cos = rope.chunk(2, dim=-1)  # timm's "cat" layout: [sin, cos] along the last axis
+        shape = (*rope.shape[:-2], n_extra, sin.shape[-1])
+        rope = torch.cat([torch.cat([sin.new_zeros(shape), sin], dim=-2),
+                          torch.cat([cos.new_ones(shape), cos], dim=-2)], dim=-1)
+    return block(t, rope=rope, attn_mask=mask)
+
+
 class Eva02Backbone(Backbone):
     """Wraps a timm ``Eva`` (built by :func:`eva02_model`) behind the backbone interface."""
 
@@ -127,7 +140,7 @@ class Eva02Backbone(Backbone):
         t = eva.norm_pre(t)
         maps = []
         for i, block in enumerate(eva.blocks):
-            t = block(t, rope=rope)
+            t = self.run_sequence_block(i, block, t, partial(_call_block, rope=rope))
             if i in self.out_indices:
                 patches = t[:, self.num_prefix_tokens :, :]
                 maps.append(patches.transpose(1, 2).reshape(b, self.embed_dim, gh, gw))

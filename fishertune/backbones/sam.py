@@ -40,6 +40,15 @@ position bias) explicitly (not PyTorch's ``scaled_dot_product_attention``); it i
 Routing it through SDPA with the decomposed bias as ``attn_mask`` is left to a later change (equal up to
 float rounding, not bitwise).
 
+Token extensions (VPT prompts, VQT queries, Rein; see ``fishertune.backbones.base``): SAM has no token
+sequence to insert tokens into, and its windows would split any inserted token. ``SamBlock.forward_extended``
+therefore works at the attention: prompts are extra keys/values of every window (each window's tokens
+read all of the image's prompts, with no relative-position bias), which is exactly what deep VPT's
+inserted prompts contribute, since their own outputs are discarded; queries read the keys/values of
+all windows of their image plus their own and go through the block's MLP. This path computes attention
+with SDPA and the decomposed bias as ``attn_mask`` (segment-anything's own bias function), equal to the
+plain path up to float rounding; a test checks that with empty extensions.
+
 Assumption - stochastic depth: segment-anything's ``Block`` has no drop path and Rein publishes no SAM
 configuration. ``drop_path_rate`` defaults to 0.1 for ``sam-h``, the value Rein's CLIP ViT-L config
 uses, rising linearly from 0 at block 0 to the rate at the last block (as Rein's CLIP). It is applied
@@ -68,13 +77,43 @@ ENCODER_PREFIX = "image_encoder."
 _REL_POS = re.compile(r"blocks\.\d+\.attn\.rel_pos_[hw]$")
 
 
+def _extended_attention(attn: nn.Module, x: torch.Tensor, prompts: torch.Tensor | None,
+                        windows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """segment-anything's ``Attention.forward`` on ``x`` ``(B*windows, h, w, C)`` with extra keys/values.
+
+    ``prompts`` ``(B, P, C)`` (already normed) are read by every window of their image, with no
+    relative-position bias. Returns the attention output ``(B*windows, h, w, C)`` after ``proj`` and
+    the windows' keys and values ``(B*windows, heads, h*w, d)`` (for query tokens that read them).
+    """
+    from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+
+    bw, h, w, _ = x.shape
+    heads = attn.num_heads
+    q, k, v = attn.qkv(x).reshape(bw, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = None
+    if attn.use_rel_pos:  # SAM's decomposed bias, computed by its own function on a zero score map
+        zero = q.new_zeros(bw * heads, h * w, h * w)
+        bias = add_decomposed_rel_pos(zero, q.reshape(bw * heads, h * w, -1), attn.rel_pos_h, attn.rel_pos_w,
+                                      (h, w), (h, w)).view(bw, heads, h * w, h * w)
+    keys, values = k, v
+    if prompts is not None:
+        _, pk, pv = attn.qkv(prompts).reshape(prompts.shape[0], -1, 3, heads, k.shape[-1]).permute(2, 0, 3, 1, 4)
+        keys = torch.cat([k, pk.repeat_interleave(windows, dim=0)], dim=2)
+        values = torch.cat([v, pv.repeat_interleave(windows, dim=0)], dim=2)
+        if bias is not None:
+            bias = F.pad(bias, (0, pk.shape[2]))
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)  # scale d^-0.5, SAM's attn.scale
+    return attn.proj(out.transpose(1, 2).reshape(bw, h, w, -1)), k, v
+
+
 @lru_cache(maxsize=None)
 def _sam_block_class() -> type:
     """segment-anything's ``Block`` plus drop path (built on first use: segment-anything imports torchvision)."""
     from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition
 
     class SamBlock(Block):
-        """segment-anything's ``Block`` with per-sample drop path on both residual branches in training."""
+        """segment-anything's ``Block`` with per-sample drop path on both residual branches in training,
+        and :meth:`forward_extended` for token extensions."""
 
         drop_path: nn.Module
 
@@ -92,6 +131,43 @@ def _sam_block_class() -> type:
                 x = window_unpartition(x, self.window_size, pad_hw, (h, w))
             x = shortcut + self.drop_path(x)
             return x + self.drop_path(self.mlp(self.norm2(x)))
+
+        def forward_extended(self, x: torch.Tensor, prompts: torch.Tensor | None,
+                             queries: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """The block with prompt tokens (read by every window) and query tokens (reading every window).
+
+            Prompts: each window's tokens attend to the image's ``P`` prompts besides the window's own
+            tokens (deep VPT inserted into every window; the prompts' own outputs would be dropped, so
+            they are not computed). Queries: each attends to the keys/values of all windows of its
+            image (zero-padded window tokens included, as SAM's windows include them) and to the
+            queries' own, then passes through the block's MLP like any token; nothing reads them.
+            Returns the block output and the query outputs (or ``None``).
+            """
+            b, h, w, _ = x.shape
+            drop = self.drop_path if self.training else nn.Identity()
+            shortcut = x
+            x = self.norm1(x)
+            pad_hw = (h, w)
+            if self.window_size > 0:
+                x, pad_hw = window_partition(x, self.window_size)
+            windows = x.shape[0] // b
+            prompts = None if prompts is None else self.norm1(prompts.to(x.dtype))
+            x, k, v = _extended_attention(self.attn, x, prompts, windows)
+            if self.window_size > 0:
+                x = window_unpartition(x, self.window_size, pad_hw, (h, w))
+            x = shortcut + drop(x)
+            x = x + drop(self.mlp(self.norm2(x)))
+            if queries is None:
+                return x, None
+            heads = self.attn.num_heads
+            t = queries.shape[1]
+            qq, qk, qv = self.attn.qkv(self.norm1(queries.to(x.dtype))).reshape(b, t, 3, heads, -1).permute(2, 0, 3, 1, 4)
+            # all windows' keys/values of an image side by side: (B, heads, windows*h*w + T, d)
+            keys = torch.cat([k.reshape(b, windows, heads, -1, k.shape[-1]).transpose(1, 2).flatten(2, 3), qk], dim=2)
+            values = torch.cat([v.reshape(b, windows, heads, -1, v.shape[-1]).transpose(1, 2).flatten(2, 3), qv], dim=2)
+            out = F.scaled_dot_product_attention(qq, keys, values)
+            y = queries.to(x.dtype) + drop(self.attn.proj(out.transpose(1, 2).reshape(b, t, -1)))
+            return x, y + drop(self.mlp(self.norm2(y)))
 
     SamBlock.__module__ = __name__
     SamBlock.__qualname__ = "SamBlock"
@@ -134,11 +210,30 @@ class SamBackbone(Backbone):
                 pos = resample_abs_pos_embed_nhwc(pos, list(t.shape[1:3]))
             t = t + pos
         maps = []
+        ext = self.get_token_extension()
         for i, block in enumerate(self.blocks):
-            t = block(t)
+            if ext is None:
+                t = block(t)
+            else:
+                t = self._extended_block(ext, i, block, t)
             if i in self.out_indices:
                 maps.append(t.permute(0, 3, 1, 2).contiguous())
         return self.multiscale(maps)
+
+    @staticmethod
+    def _extended_block(ext, i: int, block: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        """Block ``i`` with the token extension (see ``SamBlock.forward_extended``); ``t`` is (B, H, W, C)."""
+        b = t.shape[0]
+        prompts, queries = ext.prompts(i, b), ext.queries(i, b)
+        if prompts is None and queries is None:
+            t = block(t)
+        else:
+            t, out = block.forward_extended(t, prompts, queries)
+            if out is not None:
+                ext.take_query_outputs(i, out)
+        if ext.refines:
+            t = ext.refine(i, t.flatten(1, 2)).view_as(t)
+        return t
 
     def qkv(self) -> list[QKV]:
         return [

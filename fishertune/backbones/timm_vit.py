@@ -20,6 +20,10 @@ def timm_vit(img_size: int, patch_size: int, **arch) -> nn.Module:
                              dynamic_img_size=True, **arch)
 
 
+def _call_block(block: nn.Module, t: torch.Tensor, n_extra: int, mask: torch.Tensor | None) -> torch.Tensor:
+    return block(t) if mask is None else block(t, attn_mask=mask)
+
+
 class TimmViTBackbone(Backbone):
     """Wraps ``timm.models.vision_transformer.VisionTransformer`` behind the backbone interface."""
 
@@ -46,7 +50,7 @@ class TimmViTBackbone(Backbone):
         t = vit.norm_pre(t)
         maps = []
         for i, block in enumerate(vit.blocks):
-            t = block(t)
+            t = self.run_sequence_block(i, block, t, _call_block)
             if i in self.out_indices:
                 patches = t[:, self.num_prefix_tokens :, :]
                 maps.append(patches.transpose(1, 2).reshape(b, self.embed_dim, gh, gw))

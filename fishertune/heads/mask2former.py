@@ -23,7 +23,8 @@ tensors: ``query_feat`` is the decoder's initial content and ``query_embed`` the
 to the queries in every attention. If the provider is an ``nn.Module`` it becomes a submodule of the
 head (its parameters train and are saved with it). With ``None`` (the default) the head's own
 ``query_feat``/``query_embed`` embeddings are used; they stay in the head when a provider is set,
-so a method that replaces them should freeze them (Rein deletes them).
+so a method that replaces them should remove them (Rein deletes them; see
+``fishertune.heads.query_link``).
 
 Two registered names: ``mask2former`` (Rein's full settings as defaults) and ``mask2former-tiny``
 (the same head with small defaults, for the miniature); every setting is a constructor option.
@@ -120,6 +121,7 @@ class Mask2FormerHead(DecodeHead):
             raise ValueError(f"channels {channels} must be even and divisible by num_heads {num_heads} "
                              f"and num_groups {num_groups}")
         self.num_classes, self.channels, self.num_heads = num_classes, channels, num_heads
+        self.num_queries = num_queries
         self.num_levels = 3
         self.num_points, self.oversample_ratio = num_points, oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
