@@ -1,3 +1,3 @@
 """The compared methods, one module each; importing this package registers them all."""
 
-from baselines import adaptformer, freeze, full, lora  # noqa: F401
+from baselines import adaptformer, childtune, freeze, full, lora, rein, vpt, vqt  # noqa: F401

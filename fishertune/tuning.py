@@ -33,6 +33,7 @@ class MethodContext:
     device: torch.device
     seed: int
     source_batches: Callable[[int], Any] | None = None  # n -> iterable of n (images, labels) batches
+    source_images: int | None = None  # size of the source training set (for "one pass over source data")
 
 
 class TuningMethod:
@@ -54,9 +55,18 @@ class TuningMethod:
     def after_backward(self, segmentor: torch.nn.Module, iteration: int) -> None:
         """Runs after every backward pass, before the optimizer step (e.g. gradient masks)."""
 
+    def sparse_indices(self, segmentor: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Parameters (named as in ``segmentor.named_parameters()``) that train only at these flat element
+        indices (sorted, unique, int64); the optimizer keeps state for those elements alone. Called after
+        :meth:`before_training`. Default: none, every trainable parameter trains densely."""
+        return {}
+
     def trainable_backbone_params(self, segmentor: torch.nn.Module) -> int:
-        """The paper's "Trainable Params" column: what trains on the backbone side."""
-        return sum(p.numel() for p in segmentor.backbone.parameters() if p.requires_grad)
+        """The paper's "Trainable Params" column: what trains on the backbone side (a sparse parameter
+        counts its selected elements)."""
+        sparse = self.sparse_indices(segmentor)
+        return sum(sparse[name].numel() if name in sparse else p.numel()
+                   for name, p in segmentor.backbone.named_parameters(prefix="backbone") if p.requires_grad)
 
 
 def parameter_counts(segmentor: torch.nn.Module, method: TuningMethod) -> dict[str, int]:

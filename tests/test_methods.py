@@ -1,6 +1,7 @@
 """Contract test: every registered method on every tiny backbone.
 
-After ``apply`` and two optimizer steps (a zero-initialised factor, as LoRA's B or AdaptFormer's up
+After ``apply``, ``before_training`` (with a small random source) and two steps of the runner's
+optimizer (a zero-initialised factor, as LoRA's B or AdaptFormer's up
 projection, leaves its partner without gradient on the first), exactly the parameters the method reports as trainable
 (backbone side) have moved, the head always trains, and the count equals the paper-column number.
 """
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from fishertune.backbones import BACKBONES, build_backbone
+from fishertune.engine.optim import build_optimizer
 from fishertune.heads import build_head
 from fishertune.segmentor import Segmentor
 from fishertune.tuning import MethodContext, build_method, registered_methods
@@ -20,16 +22,21 @@ TINY = [n for n in BACKBONES.names() if n.endswith("-tiny")]
 @pytest.mark.parametrize("method", registered_methods())
 def test_method_contract(backbone, method):
     torch.manual_seed(0)
-    seg = Segmentor(build_backbone(backbone, seed=0), build_head("light", 64, 19, channels=32))
+    seg = Segmentor(build_backbone(backbone, seed=0), build_head("mask2former-tiny", 64, 19))
     m = build_method(method)
-    ctx = MethodContext(device=torch.device("cpu"), seed=0)
+    gen = torch.Generator().manual_seed(1)
+    source = [(torch.randn(2, 3, 64, 64, generator=gen), torch.randint(0, 19, (2, 64, 64), generator=gen))
+              for _ in range(2)]
+    ctx = MethodContext(device=torch.device("cpu"), seed=0, source_images=4,
+                        source_batches=lambda n: (source[i % len(source)] for i in range(n)))
     m.apply(seg, ctx)
     seg.head.requires_grad_(True)
     m.before_training(seg, ctx)
     before = {n: p.detach().clone() for n, p in seg.named_parameters()}
-    # Adam moves every element with a non-zero gradient by about lr, however small the gradient
-    # (layer scale makes raw gradients too small for SGD to register in float32)
-    opt = torch.optim.Adam([p for p in seg.parameters() if p.requires_grad], lr=1e-2)
+    # Adam (AdamW without decay, as the runner builds it, sparse for methods that select elements)
+    # moves every element with a non-zero gradient by about lr, however small the gradient (layer
+    # scale makes raw gradients too small for SGD to register in float32)
+    opt = build_optimizer(seg, lr=1e-2, weight_decay=0.0, sparse=m.sparse_indices(seg))
     images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 19, (2, 64, 64))
     for it in range(2):
         opt.zero_grad()

@@ -3,13 +3,16 @@
 Rein (mmseg ``paramwise_cfg``): weight decay 0.05 except on normalisation layers, position/level/query
 embeddings, learnable tokens and scales, which get none. Biases decay (mmseg's default). The
 schedule is mmseg's ``PolyLR(power=0.9, eta_min=0)`` over the run's iterations, no warm-up unless
-asked for (linear, from 1e-6 of the base rate).
+asked for (linear, from 1e-6 of the base rate). Methods that train chosen elements only (sparse
+indices) get :class:`~fishertune.fisher.sparse.SparseAdamW` with the same groups.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from fishertune.fisher.sparse import SparseAdamW
 
 #: substrings of parameter names that never decay (Rein's custom_keys, plus timm's names for them)
 NO_DECAY_KEYS = ("norm", "pos_embed", "cls_token", "reg_token", "mask_token", "level_embed", "query_embed",
@@ -41,10 +44,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                    sparse: dict[str, torch.Tensor] | None = None) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups` (fused on CUDA).
+
+    ``sparse`` maps parameter names (as in ``model.named_parameters()``) to the flat element indices at
+    which they train (a method's ``sparse_indices``); with any entry the optimizer is a
+    :class:`~fishertune.fisher.sparse.SparseAdamW` with the same groups, whose state exists only for
+    those elements. Every name must be a trainable parameter of ``model``.
+    """
     groups = [g for g in param_groups(model, weight_decay) if g["params"]]
     fused = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    if not sparse:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    trainable = {name_of[id(p)] for g in groups for p in g["params"]}
+    unknown = sorted(set(sparse) - trainable)
+    if unknown:
+        raise ValueError(f"sparse indices for {len(unknown)} names that are not trainable parameters of the model, "
+                         f"e.g. {unknown[0]!r}")
+    for g in groups:
+        g["indices"] = [sparse.get(name_of[id(p)]) for p in g["params"]]
+    return SparseAdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
 def poly_factor(iteration: int, total: int, power: float = 0.9, warmup: int = 0) -> float:

@@ -75,7 +75,7 @@ def train(segmentor: torch.nn.Module, method, dataset, transform: TrainTransform
           num_workers: int = 0, log_every: int = 50, desc: str = "train") -> TrainStats:
     """Train ``segmentor`` in place for ``iterations`` steps and return the loss log."""
     segmentor.train()
-    optimizer = build_optimizer(segmentor, lr=lr, weight_decay=weight_decay)
+    optimizer = build_optimizer(segmentor, lr=lr, weight_decay=weight_decay, sparse=method.sparse_indices(segmentor))
     scheduler = build_scheduler(optimizer, iterations, poly_power, warmup)
     loader = source_batches(dataset, transform, seed, batch_size, num_workers, 0, iterations)
     stats = TrainStats(iterations=iterations, seconds=0.0)

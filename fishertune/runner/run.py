@@ -87,7 +87,7 @@ def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torc
                                max_long_edge=m.train.max_long_edge, cat_max_ratio=m.train.cat_max_ratio,
                                flip_prob=m.train.flip_prob, photometric=m.train.photometric)
     ctx = MethodContext(device=device, seed=m.seed, source_batches=lambda n: source_batches(
-        source, transform, m.seed + 1, m.train.batch_size, ex.num_workers, 0, n))
+        source, transform, m.seed + 1, m.train.batch_size, ex.num_workers, 0, n), source_images=len(source))
     method.apply(segmentor, ctx)
     segmentor.head.requires_grad_(True)
     params = parameter_counts(segmentor, method)
