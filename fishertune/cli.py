@@ -54,6 +54,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fisher(args: argparse.Namespace) -> int:
+    from fishertune.runner.manifest import load_manifest
+    from fishertune.runner.run import estimate_manifest
+
+    lm = load_manifest(args.manifest, _overrides(args))
+    for cell, paths in estimate_manifest(lm, only=args.only, device=args.device):
+        print(f"{cell.row:12s} {cell.backbone}")
+        for what in ("estimate", "mask", "plot"):
+            if what in paths:
+                print(f"  {what:8s} {paths[what]}")
+        if not paths:
+            print("  (not cached: the method's config says cache: false)")
+    return 0
+
+
 def _cmd_render(args: argparse.Namespace) -> int:
     from fishertune.report.tables import RENDERERS
 
@@ -147,9 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-render", action="store_true", help="do not render the table afterwards")
     run.set_defaults(func=_cmd_run)
 
+    fisher = sub.add_parser(
+        "fisher", help="estimate FisherTune's Fisher and masks for a manifest, and plot where they lie",
+        description="For every fishertune cell of MANIFEST (every selector row, e.g. of the ablation grid): "
+                    "estimate the Fisher of the backbone's blocks on x and on a domain-shifted x' as the cell's "
+                    "config says, select the mask and draw a heat map of the selected fraction per block and "
+                    "per q / k / v / projection / MLP matrix. Estimates and masks are cached under "
+                    "$FISHERTUNE_CACHE/fisher/ (default ~/.cache/fishertune/fisher) by a hash of what they "
+                    "depend on, so `fishertune run` and other rows reuse them; the PNG lies next to the mask.")
+    fisher.add_argument("manifest", help="YAML manifest with fishertune rows, e.g. benchmarks/mini/ablation.yaml")
+    fisher.add_argument("--only", nargs="+", metavar="PATTERN", help="only cells whose id or row matches a glob")
+    fisher.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the manifest's execution.device")
+    _subset_arg(fisher)
+    fisher.set_defaults(func=_cmd_fisher)
+
     render = sub.add_parser("render", help="render a table from finished cells (Markdown and LaTeX)",
                             description="Write TABLE.md and TABLE.tex with our numbers beside the paper's.")
-    render.add_argument("table", help="table1")
+    render.add_argument("table", help="table1, ablation or estimation")
     render.add_argument("--results", default=DEFAULT_RESULTS, help="where result JSONs are (default: %(default)s)")
     render.add_argument("--manifest", help="use only results of this manifest name")
     render.add_argument("--out", help="output directory (default: results/tables, or results/tables/mini "

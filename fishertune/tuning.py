@@ -10,7 +10,8 @@ line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -34,6 +35,10 @@ class MethodContext:
     seed: int
     source_batches: Callable[[int], Any] | None = None  # n -> iterable of n (images, labels) batches
     source_images: int | None = None  # size of the source training set (for "one pass over source data")
+    cache_dir: Path | None = None  # where a method may keep what it computes once per model and data
+    #: what identifies the model and the source batches (backbone, weights file, head, seed, data,
+    #: augmentation), for the cache keys of such methods; empty: do not cache
+    identity: dict[str, Any] = field(default_factory=dict)
 
 
 class TuningMethod:
@@ -91,6 +96,7 @@ def register_method(cls: type[TuningMethod]) -> type[TuningMethod]:
 
 def _load_baselines() -> None:
     import baselines  # noqa: F401  (importing registers every baseline)
+    import fishertune.fisher.method  # noqa: F401  (FisherTune itself)
 
 
 def method_class(name: str, where: str = "") -> type[TuningMethod]:

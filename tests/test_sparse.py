@@ -227,6 +227,6 @@ def test_build_optimizer_with_sparse_indices():
     for g, d in zip(opt.param_groups, dense.param_groups):
         assert [id(p) for p in g["params"]] == [id(p) for p in d["params"]]
         for p, i in zip(g["params"], g["indices"]):
-            assert (i is idx) if p is model[0].weight else (i is None)
+            assert (torch.equal(i.long(), idx) and i.dtype == torch.int32) if p is model[0].weight else (i is None)
     with pytest.raises(ValueError, match="not trainable"):
         build_optimizer(model, lr=1e-3, weight_decay=0.05, sparse={"nope.weight": idx})

@@ -16,7 +16,7 @@ import pandas as pd
 
 from fishertune.backbones import BACKBONES
 from fishertune.errors import UserError
-from fishertune.report.paper import PAPER_BACKBONE, inconsistent_average, paper_row
+from fishertune.report.paper import PAPER_BACKBONE, inconsistent_average, paper_row, paper_table
 from fishertune.runner.store import atomic_write_text, iter_results
 
 #: the paper's row order within a backbone block
@@ -90,11 +90,23 @@ def caption(table: str, results: list[dict[str, Any]]) -> str:
     if man.get("data_subset"):
         data += (f"; SUBSET: {man['data_subset']} class-balanced images of the source and of each target "
                  "(not the full sets)")
-    titles = {"table1": "GTAV -> Cityscapes, BDD100K, Mapillary; mIoU (%)"}
+    titles = {"table1": "GTAV -> Cityscapes, BDD100K, Mapillary; mIoU (%)",
+              "ablation": "parameter selection at the same budget (FisherTune's ablation), "
+                          f"{_route(r)}; mIoU (%)",
+              "estimation": f"direct vs variational estimation of FIM and DR-FIM, {_route(r)}; mIoU (%)"}
     number = table.removeprefix("table")
     name = f"Table {number}" if number.isdigit() else table.capitalize()
-    return (f"{name}: {titles.get(table, table)}, each cell ours / paper (ours - paper); "
-            f"trainable backbone parameters ours / printed. Data: {data}. Manifest {man['name']} v{man['version']}.")
+    cells = {"table1": "each cell ours / paper (ours - paper); trainable backbone parameters ours / printed",
+             "ablation": "each cell ours / paper (ours - paper); our trainable backbone parameters",
+             "estimation": "each cell ours / - (the paper shows this comparison without numbers); our "
+                           "trainable backbone parameters"}
+    return (f"{name}: {titles.get(table, table)}, {cells.get(table, cells['table1'])}. "
+            f"Data: {data}. Manifest {man['name']} v{man['version']}.")
+
+
+def _route(r: dict[str, Any]) -> str:
+    names = {"gtav": "GTAV", "cityscapes": "Cityscapes", "bdd100k": "BDD100K", "mapillary": "Mapillary", "acdc": "ACDC"}
+    return f"{names[r['config']['source']]} -> {', '.join(names[t] for t in r['config']['targets'])}"
 
 
 def to_markdown(df: pd.DataFrame, title: str, notes: list[str]) -> str:
@@ -143,4 +155,68 @@ def render_table1(results_dir: str | Path, out_dir: str | Path | None = None, ma
     return [md, tex]
 
 
-RENDERERS = {"table1": render_table1}
+#: row order inside a FisherTune block of the ablation and estimation grids (the paper's ablation order)
+SELECTOR_ORDER = ("random", "random_q", "random_k", "random_v", "fim", "delta_fim", "dr_fim")
+#: our target -> the column of results/paper/ablation.csv (the ablation's source is Cityscapes)
+ABLATION_COLUMNS = {"bdd100k": "citys_to_bdd", "acdc": "citys_to_acdc"}
+SHORT = {"cityscapes": "Citys", "bdd100k": "BDD", "mapillary": "Map", "acdc": "ACDC"}
+
+
+def _grid_order(r: dict[str, Any], backbones: list[str]) -> tuple:
+    cfg = r["config"]["method_config"]
+    sel = cfg.get("selector")
+    return (*_order(r, backbones)[:2], SELECTOR_ORDER.index(sel) if sel in SELECTOR_ORDER else -1,
+            cfg.get("estimator", ""), r["row"])
+
+
+def _ablation_paper(family: str, row: str) -> dict | None:
+    df = paper_table("ablation")
+    hit = df[(df.backbone == PAPER_BACKBONE.get(family)) & (df.selector == row)]
+    return None if hit.empty else hit.iloc[0].to_dict()
+
+
+def grid_frame(results: list[dict[str, Any]], table: str) -> tuple[pd.DataFrame, list[str]]:
+    """The ablation / estimation grid (index: backbone, row): one column per target and their mean, the
+    paper's number beside ours where ``results/paper/ablation.csv`` has the row (ablation only)."""
+    family_rank = {f: i for i, f in enumerate(PAPER_BACKBONE)}
+    backbones = sorted({r["backbone"] for r in results},
+                       key=lambda b: (family_rank.get(BACKBONES.get(b).family, len(family_rank)), b))
+    targets = list(results[0]["config"]["targets"])
+    rows = []
+    for r in sorted(results, key=lambda r: _grid_order(r, backbones)):
+        family = BACKBONES.get(r["backbone"]).family
+        paper = _ablation_paper(family, r["row"]) if table == "ablation" else None
+        row = {"Backbone": r["backbone"], "Row": r["row"],
+               "Params (M)": f"{r['params']['backbone_trainable'] / 1e6:.2f}"}
+        paper_values = []
+        for t in targets:
+            p = paper.get(ABLATION_COLUMNS.get(t, ""), None) if paper else None
+            p = None if p is None or pd.isna(p) else float(p)
+            paper_values.append(p)
+            row[SHORT[t]] = _fmt(r["targets"].get(t, {}).get("miou"), p)
+        paper_avg = sum(paper_values) / len(paper_values) if None not in paper_values else None
+        row["Avg"] = _fmt(r["aggregate"]["miou"], paper_avg)
+        rows.append(row)
+    notes = ["Paper Avg: the mean of the paper's printed targets (the paper prints no average here)."] \
+        if table == "ablation" else []
+    return pd.DataFrame(rows).set_index(["Backbone", "Row"]), notes
+
+
+def render_grid(table: str, results_dir: str | Path, out_dir: str | Path | None = None,
+                manifest: str | None = None) -> list[Path]:
+    """Write ``<table>.md`` and ``.tex`` for the ablation or estimation grid (miniature: ``<out>/mini/``)."""
+    results = load_table_results(results_dir, table, manifest)
+    df, notes = grid_frame(results, table)
+    title = caption(table, results)
+    out = Path(out_dir) if out_dir else Path("results") / "tables"
+    if results[0]["manifest"]["data_kind"] == "miniature" and out_dir is None:
+        out = out / "mini"
+    md, tex = out / f"{table}.md", out / f"{table}.tex"
+    atomic_write_text(md, to_markdown(df, title, notes))
+    atomic_write_text(tex, to_latex(df, title, notes, table))
+    return [md, tex]
+
+
+RENDERERS = {"table1": render_table1,
+             "ablation": lambda *a, **k: render_grid("ablation", *a, **k),
+             "estimation": lambda *a, **k: render_grid("estimation", *a, **k)}

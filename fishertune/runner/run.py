@@ -24,7 +24,7 @@ from fishertune.engine.train import source_batches, train
 from fishertune.errors import UserError
 from fishertune.heads import build_head
 from fishertune.progress import bar
-from fishertune.runner.data import open_datasets
+from fishertune.runner.data import cache_dir, open_datasets
 from fishertune.runner.environment import device_name, git_state, package_versions, resolve_device
 from fishertune.runner.manifest import Cell, LoadedManifest
 from fishertune.runner.store import ResultStore
@@ -70,13 +70,29 @@ def _target_record(res) -> dict[str, Any]:
     return record
 
 
-def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torch.device) -> dict[str, Any]:
-    """Train and evaluate one cell; return its result record (not yet written)."""
+def model_identity(lm: LoadedManifest, cell: Cell, source) -> dict[str, Any]:
+    """What a method's source-data computations depend on (cache keys): the model as built before
+    training (backbone, weights file, head and the seed initialising it), the source data and its
+    augmentation, the batch size. Weights files are identified by path, size and modification time."""
     m = lm.manifest
-    ex = m.execution
-    started = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    weights = None
+    spec = BACKBONES.get(cell.backbone)
+    if m.pretrained and spec.weights:
+        path = resolve_weights(spec.weights, m.weights.get(cell.backbone), cell.backbone)
+        st = path.stat()
+        weights = {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    keep = ("backbone", "pretrained", "head", "source", "seed", "data")
+    train = {k: v for k, v in cell.config["train"].items() if k not in ("iterations", "lr", "weight_decay",
+                                                                          "poly_power", "warmup_iterations")}
+    return {**{k: cell.config[k] for k in keep}, "train": train, "weights": weights,
+            "source_data": repr(source), "source_images": len(source)}
+
+
+def prepare_cell(lm: LoadedManifest, cell: Cell, source, device: torch.device):
+    """Build the cell's segmentor and apply its method: ``(segmentor, method, ctx, transform)``, ready for
+    ``method.before_training(segmentor, ctx)``. The head is built right after the backbone from the
+    manifest's seed, so a cell's model before training depends on its config alone."""
+    m = lm.manifest
     backbone = build_backbone(cell.backbone, weights=m.weights.get(cell.backbone), pretrained=m.pretrained,
                               seed=m.seed, where=f"{lm.path}: backbones", img_size=m.train.crop_size)
     torch.manual_seed(m.seed)
@@ -87,9 +103,21 @@ def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torc
                                max_long_edge=m.train.max_long_edge, cat_max_ratio=m.train.cat_max_ratio,
                                flip_prob=m.train.flip_prob, photometric=m.train.photometric)
     ctx = MethodContext(device=device, seed=m.seed, source_batches=lambda n: source_batches(
-        source, transform, m.seed + 1, m.train.batch_size, ex.num_workers, 0, n), source_images=len(source))
+        source, transform, m.seed + 1, m.train.batch_size, m.execution.num_workers, 0, n),
+        source_images=len(source), cache_dir=cache_dir(), identity=model_identity(lm, cell, source))
     method.apply(segmentor, ctx)
     segmentor.head.requires_grad_(True)
+    return segmentor, method, ctx, transform
+
+
+def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torch.device) -> dict[str, Any]:
+    """Train and evaluate one cell; return its result record (not yet written)."""
+    m = lm.manifest
+    ex = m.execution
+    started = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    segmentor, method, ctx, transform = prepare_cell(lm, cell, source, device)
     params = parameter_counts(segmentor, method)
     method.before_training(segmentor, ctx)
     stats = train(segmentor, method, source, transform, iterations=m.train.iterations, batch_size=m.train.batch_size,
@@ -129,6 +157,36 @@ def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torc
     }
 
 
+def _check_weights(lm: LoadedManifest, cells: list[Cell]) -> None:
+    """Every weights file the cells need is present (a missing one is a one-line error naming its path)."""
+    m = lm.manifest
+    if m.pretrained:
+        for name in dict.fromkeys(c.backbone for c in cells):
+            spec = BACKBONES.get(name)
+            if spec.weights:
+                resolve_weights(spec.weights, m.weights.get(name), name)
+
+
+def estimate_manifest(lm: LoadedManifest, only: list[str] | None = None, device: str | None = None,
+                      progress: bool = True) -> list[tuple[Cell, dict]]:
+    """For every FisherTune cell: estimate (or load) its Fisher, select its mask and plot where it lies,
+    without training; returns ``(cell, paths)`` with the files read or written (``fishertune fisher``)."""
+    m = lm.manifest
+    cells = [c for c in select_cells(lm.cells(), only) if c.method == "fishertune"]
+    if not cells:
+        raise UserError(f"{lm.path}: no fishertune cells to estimate (methods: "
+                        f"{', '.join(e.row for e in m.method_entries())}); add fishertune rows or change --only")
+    dev = resolve_device(device or m.execution.device)
+    _check_weights(lm, cells)
+    source, _ = open_datasets(m, progress)
+    out = []
+    for cell in bar(cells, desc=f"fisher {lm.results_name}", unit="cell", leave=True):
+        segmentor, method, ctx, _ = prepare_cell(lm, cell, source, dev)
+        method.before_training(segmentor, ctx)
+        out.append((cell, dict(method.paths)))
+    return out
+
+
 def run_manifest(lm: LoadedManifest, results: str, only: list[str] | None = None, device: str | None = None,
                  progress: bool = True) -> list[tuple[Cell, str]]:
     """Run every pending cell; returns ``(cell, "done" | "skipped")`` per selected cell."""
@@ -141,12 +199,7 @@ def run_manifest(lm: LoadedManifest, results: str, only: list[str] | None = None
     outcome = [(c, "skipped") for c in cells if store.done(c.id)]
     if not pending:
         return outcome
-    # pre-flight, before any training: every weights file present, every data tree found
-    if m.pretrained:
-        for name in dict.fromkeys(c.backbone for c in pending):
-            spec = BACKBONES.get(name)
-            if spec.weights:
-                resolve_weights(spec.weights, m.weights.get(name), name)
+    _check_weights(lm, pending)  # pre-flight, before any training
     source, targets = open_datasets(m, progress)
     for cell in bar(pending, desc=lm.results_name, unit="cell", leave=True):
         result = run_cell(lm, cell, source, targets, dev)

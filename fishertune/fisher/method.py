@@ -1,0 +1,223 @@
+"""FisherTune (Zhao et al., CVPR 2025): tune the backbone elements that DR-FIM rates highest.
+
+Before training, the diagonal Fisher of the blocks' parameters is estimated on source images x and on
+a domain-shifted view x' of them (:mod:`fishertune.fisher.estimate`, :mod:`fishertune.fisher.shift`),
+combined into the domain-related Fisher
+
+    DRF = F(x) + exp(-(eps_mu + eps_sigma)) |F(x) - F(x')| / (min(F(x), F(x')) + eps)
+
+(variationally: gamma (Lambda_x - tau^-2 + exp(-(eps_mu + eps_sigma)) |Lambda_x - Lambda_x'| /
+(min(Lambda_x, Lambda_x') + eps / gamma))), and the top-k elements under the budget (5% of the
+backbone, 15.21M on ViT-L; :func:`~fishertune.fisher.sparse.budget_elements`) are the only backbone
+elements that train, through :class:`~fishertune.fisher.sparse.SparseAdamW` (optimizer state for them
+alone). The decode head trains densely. The selector is a config field, so the paper's ablation rows
+(random, random within q / k / v, FIM, delta-FIM, DR-FIM) are this method with another ``selector``,
+at the same budget.
+
+Choices the paper leaves open (each a config field):
+- the estimate is made before any training, with the decode head as initialised (as ChildTuning
+  rates a pretrained model with a fresh task head), on ``images`` source images of the run's augmented
+  training stream;
+- ``eps`` is relative: the absolute epsilon is ``eps`` times the mean of the denominator's min term
+  over the rated elements (min(F(x), F(x')) directly, gamma min(Lambda_x, Lambda_x') variationally),
+  so that its effect does not depend on the loss's scale;
+- random selectors draw from a generator seeded with the manifest's seed (or ``selection_seed``);
+- the mask is fixed for the run.
+
+Caching. Estimates depend on the model (backbone, its weights file, the head's initialisation: seed
+and config), the source data and its augmentation, and the estimator's settings, not on the selector,
+budget or eps; they are computed once per such key and stored under ``<cache>/fisher/`` as
+safetensors (loaded without running code), with ``info.json`` saying what the key holds. Masks are
+stored beside them per selector, budget, eps and seed, with a heat map of where the selected elements
+are (``selection-*.png``, the paper's layer-wise figure).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from fishertune.fisher.estimate import FisherEstimate, VariationalConfig, direct_fisher, variational_fisher
+from fishertune.fisher.shift import DomainShift
+from fishertune.fisher.sparse import block_parameters, budget_elements
+from fishertune.tuning import MethodConfig, MethodContext, TuningMethod, register_method
+
+#: bump when an estimate computed with the same key would come out differently
+ESTIMATE_VERSION = 1
+RANDOM_SELECTORS = ("random", "random_q", "random_k", "random_v")
+BUDGET_FIELD = "method 'fishertune' config field 'budget'"
+
+Selector = Literal["random", "random_q", "random_k", "random_v", "fim", "delta_fim", "dr_fim"]
+
+
+class FisherTuneConfig(MethodConfig):
+    budget: float = Field(0.05, gt=0, le=1, description="fraction of the backbone's parameters that train, chosen "
+                                                        "among its blocks' elements (0.05 gives the paper's 15.21M "
+                                                        "on ViT-L)")
+    selector: Selector = Field("dr_fim", description="how the elements are chosen: dr_fim (FisherTune), fim, "
+                                                     "delta_fim, or at random (random, random_q, random_k, random_v: "
+                                                     "within the query / key / value projections); the paper's "
+                                                     "ablation rows")
+    estimator: Literal["direct", "variational"] = Field(
+        "variational", description="direct: squared per-image gradients; variational: gamma (Lambda - tau^-2) of "
+                                   "q(theta) = N(theta_hat, Lambda^-1) under the prior N(theta_pretrained, tau^2 I) "
+                                   "(FisherTune's stable estimate)")
+    labels: Literal["model", "empirical"] = Field(
+        "model", description="labels of the Fisher: drawn from the model's prediction (the definition "
+                             "E_{y ~ f(y|x)}) or the ground truth (empirical Fisher)")
+    images: int = Field(512, gt=0, description="source images the estimate uses (not given in the paper)")
+    eps: float = Field(0.1, gt=0, description="DR-FIM's epsilon, relative to the mean of min(F(x), F(x')) over the "
+                                              "rated elements (the paper's value is not given)")
+    shift: DomainShift = Field(default_factory=DomainShift, description="how x' is made from x (DESIGN section 5)")
+    variational: VariationalConfig = Field(default_factory=VariationalConfig,
+                                           description="settings of the variational estimate")
+    selection_seed: int | None = Field(None, description="seed of the random selectors; null: the manifest's seed")
+    cache: bool = Field(True, description="keep estimates and masks under <cache>/fisher/ (FISHERTUNE_CACHE)")
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _atomic(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename over ``path``: a killed run leaves no half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def absolute_eps(estimate: FisherEstimate, relative: float) -> float:
+    """The absolute epsilon DR-FIM adds to its denominator (see the module docstring)."""
+    if estimate.fisher_shift is None:
+        return relative
+    if estimate.estimator == "variational":
+        a, b, scale = estimate.precision, estimate.precision_shift, float(estimate.config["gamma"])
+    else:
+        a, b, scale = estimate.fisher, estimate.fisher_shift, 1.0
+    total = sum(float(torch.minimum(a[n], b[n]).double().sum()) for n in a)
+    count = sum(a[n].numel() for n in a)
+    return relative * scale * total / max(count, 1)
+
+
+@register_method
+class FisherTune(TuningMethod):
+    """FisherTune; see the module docstring."""
+
+    name = "fishertune"
+    paper = "https://openaccess.thecvf.com/content/CVPR2025/html/Zhao_FisherTune_Fisher-Guided_Robust_Tuning_of_Vision_Foundation_Models_for_Domain_CVPR_2025_paper.html"
+    Config = FisherTuneConfig
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self.mask: dict[str, torch.Tensor] | None = None
+        self.paths: dict[str, Path] = {}  # what the last before_training read or wrote
+
+    # -------------------------------------------------------------- the method's hooks
+    def apply(self, segmentor, ctx) -> None:
+        backbone = segmentor.backbone
+        budget_elements(backbone, self.cfg.budget, BUDGET_FIELD)  # an impossible budget fails before any data
+        backbone.requires_grad_(False)
+        for p in block_parameters(backbone).values():  # gradients flow; only the mask's elements update
+            p.requires_grad_(True)
+
+    def before_training(self, segmentor, ctx: MethodContext) -> None:
+        from fishertune.fisher.select import select
+
+        cfg: FisherTuneConfig = self.cfg
+        backbone = segmentor.backbone
+        k = budget_elements(backbone, cfg.budget, BUDGET_FIELD)
+        seed = cfg.selection_seed if cfg.selection_seed is not None else ctx.seed
+        folder = self._folder(ctx)
+        mask_key = _digest({"selector": cfg.selector, "budget": cfg.budget, "k": k, "eps": cfg.eps,
+                            "seed": seed if cfg.selector in RANDOM_SELECTORS else None})
+        mask_path = folder / f"mask-{cfg.selector}-{mask_key}.safetensors" if folder else None
+        self.paths = {}
+        if mask_path is not None and mask_path.exists():
+            self.mask = load_file(str(mask_path))
+            self.paths["mask"] = mask_path
+            return
+        estimate, eps = None, cfg.eps
+        if cfg.selector not in RANDOM_SELECTORS:
+            estimate = self.estimate(segmentor, ctx)
+            eps = absolute_eps(estimate, cfg.eps)
+        generator = torch.Generator().manual_seed(seed)
+        self.mask = select(cfg.selector, backbone, k, estimate=estimate, eps=eps, generator=generator)
+        if mask_path is not None:
+            _atomic(mask_path, lambda p: save_file({n: t.contiguous() for n, t in self.mask.items()}, str(p)))
+            self.paths["mask"] = mask_path
+            self.paths["plot"] = self.plot(backbone, mask_path.with_name(f"selection-{cfg.selector}-{mask_key}.png"))
+
+    def sparse_indices(self, segmentor) -> dict[str, torch.Tensor]:
+        if self.mask is None:
+            raise RuntimeError("fishertune: sparse_indices before before_training (the mask is chosen there)")
+        return self.mask
+
+    def trainable_backbone_params(self, segmentor) -> int:
+        return budget_elements(segmentor.backbone, self.cfg.budget, BUDGET_FIELD)
+
+    # -------------------------------------------------------------- estimation and cache
+    def estimation_key(self, ctx: MethodContext) -> dict[str, Any]:
+        """Everything an estimate depends on: the model and data identity, and the estimator's settings."""
+        cfg: FisherTuneConfig = self.cfg
+        settings = {"estimator": cfg.estimator, "labels": cfg.labels, "images": cfg.images,
+                    "shift": cfg.shift.model_dump(mode="json")}
+        if cfg.estimator == "variational":
+            settings["variational"] = cfg.variational.model_dump(mode="json")
+        return {"version": ESTIMATE_VERSION, "identity": ctx.identity, "settings": settings}
+
+    def _folder(self, ctx: MethodContext) -> Path | None:
+        if not self.cfg.cache or ctx.cache_dir is None or not ctx.identity:
+            return None
+        key = self.estimation_key(ctx)
+        name = f"{ctx.identity.get('backbone', 'model')}-{ctx.identity.get('source', 'data')}-{_digest(key)}"
+        return Path(ctx.cache_dir) / "fisher" / name
+
+    def estimate(self, segmentor, ctx: MethodContext) -> FisherEstimate:
+        """The estimate on x and x' (from the cache when there)."""
+        cfg: FisherTuneConfig = self.cfg
+        folder = self._folder(ctx)
+        path = folder / "estimate.safetensors" if folder else None
+        if path is not None and path.exists():
+            self.paths["estimate"] = path
+            return FisherEstimate.load(path)
+        if ctx.source_batches is None:
+            raise RuntimeError("fishertune: the MethodContext has no source_batches; the estimate needs source data")
+        params = block_parameters(segmentor.backbone)
+        generator = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
+        batches = ctx.source_batches(cfg.images)  # at most `images` batches; the estimator stops at `images`
+        if cfg.estimator == "direct":
+            est = direct_fisher(segmentor, params, batches, labels=cfg.labels, shift=cfg.shift, generator=generator,
+                                images=cfg.images, device=ctx.device)
+        else:
+            est = variational_fisher(segmentor, params, batches, labels=cfg.labels, shift=cfg.shift,
+                                     generator=generator, images=cfg.images, device=ctx.device,
+                                     **cfg.variational.model_dump())
+        if path is not None:
+            _atomic(path, est.save)
+            info = json.dumps(self.estimation_key(ctx), indent=2, sort_keys=True, default=str)
+            _atomic(folder / "info.json", lambda p: p.write_text(info + "\n"))
+            self.paths["estimate"] = path
+        return est
+
+    def plot(self, backbone, path: Path) -> Path:
+        """Heat map of the selected fraction per block and matrix (the paper's layer-wise figure)."""
+        from fishertune.fisher.plot import plot_selection, selection_fractions
+
+        fractions = selection_fractions(backbone, self.mask)
+        k = sum(t.numel() for t in self.mask.values())
+        plot_selection(fractions, path, f"{self.cfg.selector}: {k:,} selected elements ({self.cfg.budget:.0%})")
+        return path
