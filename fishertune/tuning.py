@@ -66,6 +66,12 @@ class TuningMethod:
         :meth:`before_training`. Default: none, every trainable parameter trains densely."""
         return {}
 
+    def sparse_growth(self, segmentor: torch.nn.Module, iteration: int, iterations: int) -> dict[str, torch.Tensor] | None:
+        """Called before the optimizer step of ``iteration`` (0-based, of ``iterations``): sparse indices
+        that replace :meth:`sparse_indices` from this step on (each a superset of the current ones), or
+        ``None`` to keep them (the default: a fixed mask)."""
+        return None
+
     def trainable_backbone_params(self, segmentor: torch.nn.Module) -> int:
         """The paper's "Trainable Params" column: what trains on the backbone side (a sparse parameter
         counts its selected elements)."""

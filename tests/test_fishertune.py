@@ -163,3 +163,31 @@ def test_ablation_and_estimation_grids_render_beside_the_papers_numbers(tmp_path
     est = (tmp_path / "tables" / "estimation.md").read_text()
     assert "fim-direct" in est and "/ -" in est  # the paper gives no numbers for this comparison
     assert (tmp_path / "tables" / "ablation.tex").read_text().count(r"\midrule") == 1
+
+
+def test_growing_schedule_trains_nested_masks_that_reach_the_budget(tmp_path):
+    seg, m = _prepared(tmp_path, [], schedule="growing", start_fraction=0.5, growth_end=0.5, growth_stages=2)
+    k = budget_elements(seg.backbone, 0.05)
+    sizes = [sum(t.numel() for t in s.values()) for s in m.stages]
+    assert sizes == [round(k * 0.5), round(k * 0.75), k] and m.trainable_backbone_params(seg) == k
+    for small, large in zip(m.stages, m.stages[1:]):  # nested: each stage keeps the previous one
+        assert all(torch.isin(small[n], large[n]).all() for n in small)
+    opt = build_optimizer(seg, lr=1e-2, weight_decay=0.0, sparse=m.sparse_indices(seg))
+    seg.train()
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 19, (2, 64, 64))
+    allowed_per_step = []
+    for it in range(8):  # stage 1 at iteration 2, stage 2 at iteration 4
+        before = {n: p.detach().clone() for n, p in seg.backbone.named_parameters(prefix="backbone")}
+        opt.zero_grad()
+        seg.loss(x, y).backward()
+        grown = m.sparse_growth(seg, it, 8)
+        if grown:
+            params = dict(seg.named_parameters())
+            opt.grow({params[n]: idx for n, idx in grown.items()})
+        opt.step()
+        changed = sum(int((p.detach() != before[n]).sum()) for n, p in seg.backbone.named_parameters(prefix="backbone"))
+        allowed_per_step.append((changed, sum(t.numel() for t in m.mask.values())))
+    assert [a for _, a in allowed_per_step] == [sizes[0]] * 2 + [sizes[1]] * 2 + [sizes[2]] * 4
+    assert all(c <= a for c, a in allowed_per_step) and allowed_per_step[-1][0] > 0.5 * k
+    with pytest.raises(UserError, match="score selector"):
+        _prepared(tmp_path, [], schedule="growing", selector="random")

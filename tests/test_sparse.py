@@ -230,3 +230,29 @@ def test_build_optimizer_with_sparse_indices():
             assert (torch.equal(i.long(), idx) and i.dtype == torch.int32) if p is model[0].weight else (i is None)
     with pytest.raises(ValueError, match="not trainable"):
         build_optimizer(model, lr=1e-3, weight_decay=0.05, sparse={"nope.weight": idx})
+
+
+def test_grow_keeps_the_moments_of_elements_already_training():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    twin = torch.nn.Parameter(w.detach().clone())
+    small, large = torch.tensor([1, 4, 9]), torch.tensor([0, 1, 4, 9, 20, 29])
+    grown = SparseAdamW([{"params": [w], "indices": [small]}], lr=0.1, weight_decay=0.05)
+    fixed = SparseAdamW([{"params": [twin], "indices": [small]}], lr=0.1, weight_decay=0.05)
+    grads = [torch.randn(6, 5) for _ in range(6)]
+    for step, g in enumerate(grads):
+        if step == 3:
+            before = w.detach().clone()
+            grown.grow({w: large})
+            assert grown.state[w]["exp_avg"].shape == (6,)
+        w.grad, twin.grad = g.clone(), g.clone()
+        grown.step()
+        fixed.step()
+        if step == 3:  # the new elements moved on their first step, the others stayed put
+            moved = (w.detach() != before).flatten().nonzero().flatten()
+            assert torch.equal(moved, large)
+    flat_w, flat_t = w.detach().flatten(), twin.detach().flatten()
+    assert torch.equal(flat_w[small], flat_t[small])  # same trajectory as never growing
+    assert not torch.equal(flat_w[large], flat_t[large])
+    with pytest.raises(ValueError, match="contain the current"):
+        grown.grow({w: torch.tensor([0, 1])})

@@ -89,6 +89,10 @@ def train(segmentor: torch.nn.Module, method, dataset, transform: TrainTransform
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         method.after_backward(segmentor, it)
+        grown = method.sparse_growth(segmentor, it, iterations)
+        if grown:
+            params = dict(segmentor.named_parameters())
+            optimizer.grow({params[name]: idx for name, idx in grown.items()})
         optimizer.step()
         scheduler.step()
         running += loss.detach()

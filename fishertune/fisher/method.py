@@ -22,7 +22,10 @@ Choices the paper leaves open (each a config field):
   over the rated elements (min(F(x), F(x')) directly, gamma min(Lambda_x, Lambda_x') variationally),
   so that its effect does not depend on the loss's scale;
 - random selectors draw from a generator seeded with the manifest's seed (or ``selection_seed``);
-- the mask is fixed for the run.
+- the mask is fixed for the run by default; ``schedule: growing`` starts with the highest-rated
+  ``start_fraction`` of it and adds the next-rated elements in ``growth_stages`` equal steps until the
+  whole mask trains at ``growth_end`` of the run (the optimizer keeps the moments of elements already
+  training; see ``SparseAdamW.grow``).
 
 Caching. Estimates depend on the model (backbone, its weights file, the head's initialisation: seed
 and config), the source data and its augmentation, and the estimator's settings, not on the selector,
@@ -80,6 +83,13 @@ class FisherTuneConfig(MethodConfig):
     variational: VariationalConfig = Field(default_factory=VariationalConfig,
                                            description="settings of the variational estimate")
     selection_seed: int | None = Field(None, description="seed of the random selectors; null: the manifest's seed")
+    schedule: Literal["fixed", "growing"] = Field(
+        "fixed", description="fixed: the whole mask trains from the start (default); growing: the highest-rated "
+                             "start_fraction of it first, then more in growth_stages equal steps until all of it "
+                             "trains at growth_end of the run (score selectors only)")
+    start_fraction: float = Field(0.25, gt=0, le=1, description="growing: share of the mask that trains at first")
+    growth_end: float = Field(0.5, gt=0, le=1, description="growing: fraction of the run by which the whole mask trains")
+    growth_stages: int = Field(3, gt=0, description="growing: number of growth steps after the start")
     cache: bool = Field(True, description="keep estimates and masks under <cache>/fisher/ (FISHERTUNE_CACHE)")
 
 
@@ -125,6 +135,7 @@ class FisherTune(TuningMethod):
         super().__init__(cfg)
         self.mask: dict[str, torch.Tensor] | None = None
         self.paths: dict[str, Path] = {}  # what the last before_training read or wrote
+        self.stages: list[dict[str, torch.Tensor]] = []  # growing: the nested masks, smallest first
 
     # -------------------------------------------------------------- the method's hooks
     def apply(self, segmentor, ctx) -> None:
@@ -140,6 +151,9 @@ class FisherTune(TuningMethod):
         cfg: FisherTuneConfig = self.cfg
         backbone = segmentor.backbone
         k = budget_elements(backbone, cfg.budget, BUDGET_FIELD)
+        if cfg.schedule == "growing":
+            self._growing(segmentor, ctx, k, select)
+            return
         seed = cfg.selection_seed if cfg.selection_seed is not None else ctx.seed
         folder = self._folder(ctx)
         mask_key = _digest({"selector": cfg.selector, "budget": cfg.budget, "k": k, "eps": cfg.eps,
@@ -161,10 +175,34 @@ class FisherTune(TuningMethod):
             self.paths["mask"] = mask_path
             self.paths["plot"] = self.plot(backbone, mask_path.with_name(f"selection-{cfg.selector}-{mask_key}.png"))
 
+    def _growing(self, segmentor, ctx: MethodContext, k: int, select) -> None:
+        """Nested masks: the top ``k_j`` elements by the selector's score, k_0 = start_fraction k ... k."""
+        from fishertune.errors import UserError
+
+        cfg: FisherTuneConfig = self.cfg
+        if cfg.selector in RANDOM_SELECTORS:
+            raise UserError(f"method 'fishertune': schedule growing needs a score selector (fim, delta_fim, "
+                            f"dr_fim), not {cfg.selector!r}; set schedule: fixed")
+        estimate = self.estimate(segmentor, ctx)
+        eps = absolute_eps(estimate, cfg.eps)
+        sizes = [round(k * (cfg.start_fraction + (1 - cfg.start_fraction) * j / cfg.growth_stages))
+                 for j in range(cfg.growth_stages + 1)]
+        self.stages = [select(cfg.selector, segmentor.backbone, size, estimate=estimate, eps=eps) for size in sizes]
+        self.mask = self.stages[0]
+
     def sparse_indices(self, segmentor) -> dict[str, torch.Tensor]:
         if self.mask is None:
             raise RuntimeError("fishertune: sparse_indices before before_training (the mask is chosen there)")
         return self.mask
+
+    def sparse_growth(self, segmentor, iteration: int, iterations: int) -> dict[str, torch.Tensor] | None:
+        """Growing: the next stage's mask at iterations round(growth_end * iterations * j / stages)."""
+        cfg: FisherTuneConfig = self.cfg
+        for j in reversed(range(1, len(self.stages))):  # the largest stage due now (short runs skip some)
+            if iteration == max(1, round(cfg.growth_end * iterations * j / cfg.growth_stages)):
+                self.mask = self.stages[j]
+                return self.mask
+        return None
 
     def trainable_backbone_params(self, segmentor) -> int:
         return budget_elements(segmentor.backbone, self.cfg.budget, BUDGET_FIELD)

@@ -207,6 +207,30 @@ class SparseAdamW(torch.optim.Optimizer):
                                      f"training {want}")
 
     @torch.no_grad()
+    def grow(self, indices: dict[torch.Tensor, torch.Tensor]) -> None:
+        """Train more elements from now on: ``indices`` maps an indexed parameter to its new indices, a
+        superset of its current ones. The moments of the elements already training are kept; new
+        elements start with zero moments and the parameter's step count, so Adam's bias correction,
+        already near 1, does not damp their first updates as it would a fresh start's."""
+        where = {id(p): (g, i) for g in self.param_groups for i, p in enumerate(g["params"])}
+        for p, new in indices.items():
+            if id(p) not in where or where[id(p)][0]["indices"][where[id(p)][1]] is None:
+                raise ValueError("grow: not an indexed parameter of this optimizer")
+            group, i = where[id(p)]
+            old = group["indices"][i]
+            new = _check_indices(p, new)
+            pos = torch.searchsorted(new.long(), old.long())
+            if old.numel() and (pos.max() >= new.numel() or not torch.equal(new.long()[pos], old.long())):
+                raise ValueError("grow: the new indices must contain the current ones")
+            state = self.state.get(p)
+            if state:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    grown = state[key].new_zeros(new.numel())
+                    grown[pos] = state[key]
+                    state[key] = grown
+            group["indices"][i] = new
+
+    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
