@@ -131,7 +131,7 @@ def _cmd_regression(args: argparse.Namespace) -> int:
     if args.action == "write":
         print(f"wrote {regression.write(lm, args.results, args.stored)}")
         return 0
-    problems = regression.check(lm, args.results, args.tolerance, args.stored)
+    problems = regression.check(lm, args.results, args.tolerance, args.stored, only=args.only)
     for line in problems:
         print(line)
     print(f"{len(problems)} number(s) moved by more than {args.tolerance} IoU points" if problems else "no change")
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("manifest", help="YAML manifest whose cells are finished")
     reg.add_argument("--results", default=DEFAULT_RESULTS, help="results root (default: %(default)s)")
     reg.add_argument("--stored", help="regression file (default: results/regression/<manifest name>.json)")
+    reg.add_argument("--only", nargs="+", metavar="PATTERN", help="check: only the cells whose id or row matches "
+                     "a glob (the stored numbers of the other cells are not compared)")
     _subset_arg(reg)
     reg.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                      help="allowed change in IoU points per class (default: %(default)s)")

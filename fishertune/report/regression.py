@@ -26,11 +26,13 @@ REGRESSION_DIR = Path("results") / "regression"
 DEFAULT_TOLERANCE = 0.5
 
 
-def collect(lm: LoadedManifest, results: str | Path) -> dict[str, Any]:
-    """Per-class IoU of every cell of the manifest, read from its finished results."""
+def collect(lm: LoadedManifest, results: str | Path, only: list[str] | None = None) -> dict[str, Any]:
+    """Per-class IoU of every cell of the manifest (or of those ``only`` selects), from its finished results."""
+    from fishertune.runner.run import select_cells
+
     store = ResultStore(results, lm.results_name)
     cells = {}
-    for cell in lm.cells():
+    for cell in select_cells(lm.cells(), only):
         path = store.path(cell.id)
         if not path.is_file():
             raise UserError(f"cell {cell.id} has no result under {store.dir}; run `fishertune run {lm.path}` first")
@@ -72,8 +74,15 @@ def compare(stored: dict[str, Any], fresh: dict[str, Any], tolerance: float) -> 
     return problems
 
 
-def check(lm: LoadedManifest, results: str | Path, tolerance: float, stored_path: str | Path | None = None) -> list[str]:
+def check(lm: LoadedManifest, results: str | Path, tolerance: float, stored_path: str | Path | None = None,
+          only: list[str] | None = None) -> list[str]:
+    """Differences between the stored numbers and the finished results, over the cells ``only`` selects
+    (all by default; stored cells outside the selection are not compared)."""
     path = Path(stored_path) if stored_path else REGRESSION_DIR / f"{lm.results_name}.json"
     if not path.is_file():
         raise UserError(f"no stored regression numbers at {path}; create them with `fishertune regression write {lm.path}`")
-    return compare(json.loads(path.read_text()), collect(lm, results), tolerance)
+    fresh = collect(lm, results, only)
+    stored = json.loads(path.read_text())
+    if only:
+        stored = {**stored, "cells": {c: v for c, v in stored["cells"].items() if c in fresh["cells"]}}
+    return compare(stored, fresh, tolerance)
