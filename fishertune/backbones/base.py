@@ -24,7 +24,7 @@ Sequence families (timm ViTs, EVA-02, open_clip) put the extra tokens right afte
 (class token), as VPT does, and pass a boolean attention mask only when there are queries. EVA-02's
 rotary embedding skips prefix tokens; the extra tokens get the identity rotation (sin 0, cos 1), so they
 carry no position, like the class token. SAM's windowed (B, H, W, C) blocks run their attention through
-:func:`fishertune.backbones.sam` 's own extension path (see that module).
+``fishertune.backbones.sam``'s own extension path (see that module).
 """
 
 from __future__ import annotations
