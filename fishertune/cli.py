@@ -74,7 +74,16 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
     if args.table not in RENDERERS:
         raise UserError(f"unknown table {args.table!r}; renderable: {', '.join(RENDERERS)}")
-    for path in RENDERERS[args.table](args.results, args.out, args.manifest):
+    if args.paper_only:
+        from fishertune.report.tables import render_table1_paper
+
+        if args.table != "table1":
+            raise UserError(f"--paper-only renders table1 only (the paper's other tables have no runs to wait "
+                            f"for); got {args.table!r}")
+        paths = render_table1_paper(args.out)
+    else:
+        paths = RENDERERS[args.table](args.results, args.out, args.manifest)
+    for path in paths:
         print(f"wrote {path}")
     return 0
 
@@ -183,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--manifest", help="use only results of this manifest name")
     render.add_argument("--out", help="output directory (default: results/tables, or results/tables/mini "
                         "for the miniature)")
+    render.add_argument("--paper-only", action="store_true", help="table1 without any run: the paper's numbers "
+                        "and our measured parameter counts, written as table1-paper.md/.tex")
     render.set_defaults(func=_cmd_render)
 
     params = sub.add_parser(

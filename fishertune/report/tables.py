@@ -217,6 +217,53 @@ def render_grid(table: str, results_dir: str | Path, out_dir: str | Path | None 
     return [md, tex]
 
 
+#: our full-size variant standing for each of the paper's Table 1 backbones (MAE: Rein's ViT-L runs)
+PAPER_VARIANT = {"clip-vit-l": "clip-l", "mae-vit-h": "mae-l", "sam-vit-h": "sam-h", "eva02-l": "eva02-l",
+                 "dinov2-l": "dinov2-l"}
+
+
+def table1_paper_frame() -> tuple[pd.DataFrame, list[str]]:
+    """Table 1 with no runs: every row of the paper (its numbers, each cell ``not run / paper``) and the
+    trainable-parameter counts we measure for the variant of that row (``ours / printed``)."""
+    from fishertune.report.params import parameter_rows
+
+    paper = paper_table("table1")
+    variants = [PAPER_VARIANT[b] for b in dict.fromkeys(paper.backbone)]
+    methods = [m for m in dict.fromkeys(paper.method)]
+    counts = {(r["backbone"], r["method"]): r["backbone_trainable"]
+              for r in parameter_rows(variants, [m for m in methods if m in METHOD_ORDER])}
+    rows, notes = [], []
+    for p in paper.to_dict("records"):
+        variant = PAPER_VARIANT[p["backbone"]]
+        ours = counts.get((variant, p["method"]))
+        row = {"Backbone": variant, "Method": p["method"],
+               "Params (M)": f"{'-' if ours is None else f'{ours / 1e6:.2f}'} / {p['trainable_params_m']:.2f}"}
+        for _, pkey, col in TABLE1_TARGETS:
+            row[col] = _fmt(None, p[pkey])
+        mark = ""
+        if (true_mean := inconsistent_average(p)) is not None:
+            mark = "*"
+            notes.append(f"* {p['backbone']} {p['method']}: the paper prints Avg {p['avg']:.1f}, "
+                         f"but the mean of its three targets is {true_mean:.2f}.")
+        row["Avg"] = _fmt(None, p["avg"], mark)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index(["Backbone", "Method"]), notes
+
+
+def render_table1_paper(out_dir: str | Path | None = None) -> list[Path]:
+    """Write ``table1-paper.md`` and ``.tex``: the paper's Table 1 before any run (what a reproduction
+    will fill), with our measured parameter counts beside the printed ones."""
+    df, notes = table1_paper_frame()
+    title = ("Table 1 (paper only, nothing run yet): GTAV -> Cityscapes, BDD100K, Mapillary; mIoU (%), each "
+             "cell ours / paper; trainable backbone parameters ours (measured on the architecture, "
+             "fishertune params) / printed. Source: results/paper/table1.csv.")
+    out = Path(out_dir) if out_dir else Path("results") / "tables"
+    md, tex = out / "table1-paper.md", out / "table1-paper.tex"
+    atomic_write_text(md, to_markdown(df, title, notes))
+    atomic_write_text(tex, to_latex(df, title, notes, "table1-paper"))
+    return [md, tex]
+
+
 RENDERERS = {"table1": render_table1,
              "ablation": lambda *a, **k: render_grid("ablation", *a, **k),
              "estimation": lambda *a, **k: render_grid("estimation", *a, **k)}
