@@ -69,6 +69,31 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from fishertune.report.tables import RENDERERS
+    from fishertune.runner.manifest import load_manifest
+    from fishertune.runner.preflight import reproduction_problems
+    from fishertune.runner.run import run_manifest, select_cells
+    from fishertune.runner.store import ResultStore
+
+    lm = load_manifest(args.manifest, _overrides(args))
+    store = ResultStore(args.results, lm.results_name)
+    pending = [c for c in select_cells(lm.cells(), args.only) if not store.done(c.id)]
+    problems = reproduction_problems(lm, pending, args.device) if pending else []
+    if problems:
+        for line in problems:
+            print(line, file=sys.stderr)
+        print(f"{lm.path}: {len(problems)} problem(s) before any training; nothing was run", file=sys.stderr)
+        return 2
+    for cell, status in run_manifest(lm, args.results, only=args.only, device=args.device):
+        print(f"{status:8s} {cell.id}")
+    table = lm.manifest.table
+    if table in RENDERERS:
+        for path in RENDERERS[table](Path(args.results) / lm.results_name):
+            print(f"wrote {path}")
+    return 0
+
+
 def _cmd_render(args: argparse.Namespace) -> int:
     from fishertune.report.tables import RENDERERS
 
@@ -170,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     _subset_arg(run)
     run.add_argument("--no-render", action="store_true", help="do not render the table afterwards")
     run.set_defaults(func=_cmd_run)
+
+    rep = sub.add_parser(
+        "reproduce", help="pre-flight, run and render a paper table (what the tox reproduce-* envs call)",
+        description="Check everything MANIFEST's pending cells need before any training (each data set found "
+                    "and verified, each checkpoint present and fitting its backbone, a GPU unless --device cpu) "
+                    "and list every problem at once (exit 2); then run the pending cells (finished ones are "
+                    "skipped) and render the table with the paper's numbers beside ours.")
+    rep.add_argument("manifest", help="e.g. benchmarks/table1.yaml")
+    rep.add_argument("--results", default=DEFAULT_RESULTS, help="results root (default: %(default)s)")
+    rep.add_argument("--only", nargs="+", metavar="PATTERN", help="only cells whose id or row matches a glob")
+    rep.add_argument("--device", choices=("auto", "cpu", "cuda"), help="cpu: run without a GPU, on purpose")
+    _subset_arg(rep)
+    rep.set_defaults(func=_cmd_reproduce)
 
     fisher = sub.add_parser(
         "fisher", help="estimate FisherTune's Fisher and masks for a manifest, and plot where they lie",
