@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fishertune.data import synthesize
 
@@ -48,3 +49,13 @@ def mini_manifest(tmp_path, synth_root):
         return path
 
     return write
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of many tiny forward/backward passes: on a 2-core machine shared
+    with other work, torch's default threads made them about 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

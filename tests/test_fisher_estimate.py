@@ -40,13 +40,7 @@ class PixelClassifier(nn.Module):
         return F.cross_entropy(self(x), y, ignore_index=255)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Thousands of tiny forward/backward passes: one intra-op thread is 20x faster on a shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny passes (conftest.py)
 
 
 def _data(n=4, c=3, h=4, w=4, k=4, seed=1, ignore=True):

@@ -21,12 +21,7 @@ from fishertune.fisher.sparse import block_parameters, topk_mask
 FAMILIES = ("clip", "mae", "sam", "eva02", "dinov2")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny passes (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ from fishertune.tuning import MethodContext, build_method
 QUICK = {"images": 4, "estimator": "direct"}  # 4 per-image passes on x and x': a second on this CPU
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many tiny passes: one thread is much faster on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny passes (conftest.py)
 
 
 def _segmentor():
