@@ -49,16 +49,18 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from fishertune.fisher.estimate import FisherEstimate, VariationalConfig, direct_fisher, variational_fisher
+from fishertune.fisher.select import RANDOM_WITHIN, SELECTORS, select
 from fishertune.fisher.shift import DomainShift
 from fishertune.fisher.sparse import block_parameters, budget_elements
 from fishertune.tuning import MethodConfig, MethodContext, TuningMethod, register_method
 
 #: bump when an estimate computed with the same key would come out differently
 ESTIMATE_VERSION = 1
-RANDOM_SELECTORS = ("random", "random_q", "random_k", "random_v")
+RANDOM_SELECTORS = ("random", *RANDOM_WITHIN)
 BUDGET_FIELD = "method 'fishertune' config field 'budget'"
 
 Selector = Literal["random", "random_q", "random_k", "random_v", "fim", "delta_fim", "dr_fim"]
+assert set(Selector.__args__) == set(SELECTORS)  # the config's choices are the selectors select() knows
 
 
 class FisherTuneConfig(MethodConfig):
@@ -146,13 +148,11 @@ class FisherTune(TuningMethod):
             p.requires_grad_(True)
 
     def before_training(self, segmentor, ctx: MethodContext) -> None:
-        from fishertune.fisher.select import select
-
         cfg: FisherTuneConfig = self.cfg
         backbone = segmentor.backbone
         k = budget_elements(backbone, cfg.budget, BUDGET_FIELD)
         if cfg.schedule == "growing":
-            self._growing(segmentor, ctx, k, select)
+            self._growing(segmentor, ctx, k)
             return
         seed = cfg.selection_seed if cfg.selection_seed is not None else ctx.seed
         folder = self._folder(ctx)
@@ -175,7 +175,7 @@ class FisherTune(TuningMethod):
             self.paths["mask"] = mask_path
             self.paths["plot"] = self.plot(backbone, mask_path.with_name(f"selection-{cfg.selector}-{mask_key}.png"))
 
-    def _growing(self, segmentor, ctx: MethodContext, k: int, select) -> None:
+    def _growing(self, segmentor, ctx: MethodContext, k: int) -> None:
         """Nested masks: the top ``k_j`` elements by the selector's score, k_0 = start_fraction k ... k."""
         from fishertune.errors import UserError
 
