@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +50,7 @@ from fishertune.fisher.estimate import FisherEstimate, VariationalConfig, direct
 from fishertune.fisher.select import RANDOM_WITHIN, SELECTORS, select
 from fishertune.fisher.shift import DomainShift
 from fishertune.fisher.sparse import block_parameters, budget_elements
+from fishertune.runner.store import atomic_write
 from fishertune.tuning import MethodConfig, MethodContext, TuningMethod, register_method
 
 #: bump when an estimate computed with the same key would come out differently
@@ -97,19 +96,6 @@ class FisherTuneConfig(MethodConfig):
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: a killed run leaves no half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def absolute_eps(estimate: FisherEstimate, relative: float) -> float:
@@ -171,7 +157,7 @@ class FisherTune(TuningMethod):
         generator = torch.Generator().manual_seed(seed)
         self.mask = select(cfg.selector, backbone, k, estimate=estimate, eps=eps, generator=generator)
         if mask_path is not None:
-            _atomic(mask_path, lambda p: save_file({n: t.contiguous() for n, t in self.mask.items()}, str(p)))
+            atomic_write(mask_path, lambda p: save_file({n: t.contiguous() for n, t in self.mask.items()}, str(p)))
             self.paths["mask"] = mask_path
             self.paths["plot"] = self.plot(backbone, mask_path.with_name(f"selection-{cfg.selector}-{mask_key}.png"))
 
@@ -245,9 +231,9 @@ class FisherTune(TuningMethod):
                                      generator=generator, images=cfg.images, device=ctx.device,
                                      **cfg.variational.model_dump())
         if path is not None:
-            _atomic(path, est.save)
+            atomic_write(path, est.save)
             info = json.dumps(self.estimation_key(ctx), indent=2, sort_keys=True, default=str)
-            _atomic(folder / "info.json", lambda p: p.write_text(info + "\n"))
+            atomic_write(folder / "info.json", lambda p: p.write_text(info + "\n"))
             self.paths["estimate"] = path
         return est
 

@@ -23,14 +23,13 @@ element of a group.
 
 :func:`plot_selection` draws with matplotlib's object API on an Agg canvas (no pyplot, no display,
 no global backend switch), at a size set by the grid (:func:`figure_size`, 100 dpi), and writes the
-file atomically (a temporary file in the same directory, then ``os.replace``).
+file atomically (``fishertune.runner.store.atomic_write``: a temporary file beside it, then a rename).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from torch import nn
 
 from fishertune.fisher.select import qkv_elements
 from fishertune.fisher.sparse import block_parameters
+from fishertune.runner.store import atomic_write
 
 __all__ = ["GROUPS", "PATTERNS", "element_groups", "figure_size", "group_counts", "plot_selection",
            "selection_fractions"]
@@ -53,8 +53,6 @@ PATTERNS = (
     ("mlp out", re.compile(r"\.mlp\.(fc2|lin2|c_proj)\.")),
 )
 DPI = 100
-_UMASK = os.umask(0o022)  # read the process umask once (setting it back at once)
-os.umask(_UMASK)
 ANNOTATE_MAX_CELLS = 7 * 32  # numbers in the cells up to 32 blocks (ViT-H / SAM-H)
 
 
@@ -179,13 +177,4 @@ def plot_selection(fractions: pd.DataFrame, path: str | os.PathLike, title: str)
                 dark = np.isnan(v) or v / vmax > 0.6  # viridis is light at the top end
                 ax.text(c, r, text, ha="center", va="center", fontsize=size, color="black" if dark else "white")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp.{fmt}")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=DPI)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=DPI))
