@@ -27,6 +27,12 @@ def _overrides(args: argparse.Namespace) -> dict:
     return {"data": {"subset": args.subset}} if getattr(args, "subset", None) is not None else {}
 
 
+def _cell_args(parser: argparse.ArgumentParser, device_help: str = "override the manifest's execution.device") -> None:
+    """--only and --device, as every command that runs cells takes them."""
+    parser.add_argument("--only", nargs="+", metavar="PATTERN", help="only cells whose id or row matches a glob")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help=device_help)
+
+
 def _subset_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subset", type=int, metavar="N",
                         help="a deterministic, class-balanced subset of N images of the source and of each target "
@@ -189,8 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("manifest", help="YAML manifest, e.g. benchmarks/mini/table1.yaml")
     run.add_argument("--results", default=DEFAULT_RESULTS, help="results root; one JSON per cell under "
                      "RESULTS/<manifest name>/ (default: %(default)s)")
-    run.add_argument("--only", nargs="+", metavar="PATTERN", help="run only cells whose id or row matches a glob")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the manifest's execution.device")
+    _cell_args(run)
     run.add_argument("--dry-run", action="store_true", help="list the cell ids and exit")
     _subset_arg(run)
     run.add_argument("--no-render", action="store_true", help="do not render the table afterwards")
@@ -204,8 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "skipped) and render the table with the paper's numbers beside ours.")
     rep.add_argument("manifest", help="e.g. benchmarks/table1.yaml")
     rep.add_argument("--results", default=DEFAULT_RESULTS, help="results root (default: %(default)s)")
-    rep.add_argument("--only", nargs="+", metavar="PATTERN", help="only cells whose id or row matches a glob")
-    rep.add_argument("--device", choices=("auto", "cpu", "cuda"), help="cpu: run without a GPU, on purpose")
+    _cell_args(rep, "cpu: run without a GPU, on purpose")
     _subset_arg(rep)
     rep.set_defaults(func=_cmd_reproduce)
 
@@ -218,8 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "$FISHERTUNE_CACHE/fisher/ (default ~/.cache/fishertune/fisher) by a hash of what they "
                     "depend on, so `fishertune run` and other rows reuse them; the PNG lies next to the mask.")
     fisher.add_argument("manifest", help="YAML manifest with fishertune rows, e.g. benchmarks/mini/ablation.yaml")
-    fisher.add_argument("--only", nargs="+", metavar="PATTERN", help="only cells whose id or row matches a glob")
-    fisher.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the manifest's execution.device")
+    _cell_args(fisher)
     _subset_arg(fisher)
     fisher.set_defaults(func=_cmd_fisher)
 

@@ -184,5 +184,8 @@ def test_growing_schedule_trains_nested_masks_that_reach_the_budget(tmp_path):
         allowed_per_step.append((changed, sum(t.numel() for t in m.mask.values())))
     assert [a for _, a in allowed_per_step] == [sizes[0]] * 2 + [sizes[1]] * 2 + [sizes[2]] * 4
     assert all(c <= a for c, a in allowed_per_step) and allowed_per_step[-1][0] > 0.5 * k
+    calls = []
+    m = build_method("fishertune", {**QUICK, "schedule": "growing", "selector": "random"})
     with pytest.raises(UserError, match="score selector"):
-        _prepared(tmp_path, [], schedule="growing", selector="random")
+        m.apply(_segmentor(), _context(tmp_path, calls))
+    assert calls == []  # refused before any data is read

@@ -46,6 +46,7 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
+from fishertune.errors import UserError
 from fishertune.fisher.estimate import FisherEstimate, VariationalConfig, direct_fisher, variational_fisher
 from fishertune.fisher.select import RANDOM_WITHIN, SELECTORS, select
 from fishertune.fisher.shift import DomainShift
@@ -129,6 +130,9 @@ class FisherTune(TuningMethod):
     def apply(self, segmentor, ctx) -> None:
         backbone = segmentor.backbone
         budget_elements(backbone, self.cfg.budget, BUDGET_FIELD)  # an impossible budget fails before any data
+        if self.cfg.schedule == "growing" and self.cfg.selector in RANDOM_SELECTORS:
+            raise UserError(f"method 'fishertune': schedule growing needs a score selector (fim, delta_fim, "
+                            f"dr_fim), not {self.cfg.selector!r}; set schedule: fixed")
         backbone.requires_grad_(False)
         for p in block_parameters(backbone).values():  # gradients flow; only the mask's elements update
             p.requires_grad_(True)
@@ -163,12 +167,7 @@ class FisherTune(TuningMethod):
 
     def _growing(self, segmentor, ctx: MethodContext, k: int) -> None:
         """Nested masks: the top ``k_j`` elements by the selector's score, k_0 = start_fraction k ... k."""
-        from fishertune.errors import UserError
-
         cfg: FisherTuneConfig = self.cfg
-        if cfg.selector in RANDOM_SELECTORS:
-            raise UserError(f"method 'fishertune': schedule growing needs a score selector (fim, delta_fim, "
-                            f"dr_fim), not {cfg.selector!r}; set schedule: fixed")
         estimate = self.estimate(segmentor, ctx)
         eps = absolute_eps(estimate, cfg.eps)
         sizes = [round(k * (cfg.start_fraction + (1 - cfg.start_fraction) * j / cfg.growth_stages))
