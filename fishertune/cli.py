@@ -5,7 +5,7 @@
     fishertune data synth --out DIR    generate the miniature data sets in the real layouts
     fishertune data verify NAME --root DIR
     fishertune data prepare NAME --root DIR   convert labels in place as Rein's tools do (resumable)
-    fishertune regression write|check MANIFEST
+    fishertune regression check|update MANIFEST... [--run]
     fishertune params [--format md|json]   trainable parameters per backbone x method, beside the paper's
 
 User errors (bad manifest, missing data or weights, bad labels) print one line on stderr and exit 2.
@@ -27,6 +27,28 @@ def _overrides(args: argparse.Namespace) -> dict:
     return {"data": {"subset": args.subset}} if getattr(args, "subset", None) is not None else {}
 
 
+def _load(args: argparse.Namespace):
+    """The command's manifest, with the command line's overrides (--subset, --tiny)."""
+    from fishertune.runner.manifest import load_manifest
+
+    return load_manifest(args.manifest, _overrides(args), tiny=getattr(args, "tiny", False))
+
+
+def _tiny_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tiny", action="store_true",
+                        help="run the manifest's grid on each backbone family's tiny variant (random weights, no "
+                             "checkpoint needed) with the miniature protocol of benchmarks/mini/protocol.yaml, "
+                             "reading the manifest's data: checks the whole pipeline in minutes on a CPU, e.g. "
+                             "on a miniature written by `fishertune data synth --out $FISHERTUNE_DATA`; results go "
+                             "to RESULTS/<manifest name>-tiny/, tables to results/tables/tiny/ and say TINY")
+
+
+def _retry_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="run cells whose result says failed (a non-finite loss) again; by default they are "
+                             "kept and skipped, as rerunning the same config fails the same way")
+
+
 def _cell_args(parser: argparse.ArgumentParser, device_help: str = "override the manifest's execution.device") -> None:
     """--only and --device, as every command that runs cells takes them."""
     parser.add_argument("--only", nargs="+", metavar="PATTERN", help="only cells whose id or row matches a glob")
@@ -40,31 +62,109 @@ def _subset_arg(parser: argparse.ArgumentParser) -> None:
                              "RESULTS/<manifest name>-subsetN/ and tables say SUBSET (overrides data.subset)")
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from fishertune.report.tables import RENDERERS
-    from fishertune.runner.manifest import load_manifest
-    from fishertune.runner.run import run_manifest, select_cells
+def _executor_args(parser: argparse.ArgumentParser) -> None:
+    """--executor, --wait and the Slurm resources, as run and reproduce take them."""
+    g = parser.add_argument_group(
+        "where the cells run", "By default in this process, one after another. With --executor slurm each pending "
+        "cell becomes one job of one Slurm job array (through submitit); its resources come from the manifest's "
+        "execution.slurm section, overridden by the --slurm-* options. Logs: RESULTS/<results name>/slurm/<job id>/.")
+    g.add_argument("--executor", choices=("local", "slurm", "submitit-local"), default="local",
+                   help="local: run the cells here (default); slurm: submit one job per pending cell as one job "
+                        "array and return (rerun the same command once they have ended: finished cells are "
+                        "skipped, the table is rendered); submitit-local: the same jobs as processes of this "
+                        "machine, all started at once (for a check or a workstation; bound them with --only)")
+    g.add_argument("--wait", action="store_true",
+                   help="with slurm or submitit-local: wait for the jobs, report each one's outcome (a failed job: "
+                        "its cell, the error's last line and its log) and render the table; exit 1 if one failed")
+    g.add_argument("--slurm-partition", metavar="NAME", help="partition to submit to (execution.slurm.partition)")
+    g.add_argument("--slurm-account", metavar="NAME", help="account to charge (execution.slurm.account)")
+    g.add_argument("--slurm-time", type=int, metavar="MINUTES",
+                   help="wall-time limit of each job in minutes (execution.slurm.timeout_min; default 1440)")
+    g.add_argument("--slurm-gpus", type=int, metavar="N",
+                   help="GPUs per job (execution.slurm.gpus_per_node; default 1, which a cell uses)")
+    g.add_argument("--slurm-cpus", type=int, metavar="N",
+                   help="CPU cores per job (execution.slurm.cpus_per_task; default 8)")
+    g.add_argument("--slurm-mem", type=float, metavar="GB",
+                   help="memory per job in GB (execution.slurm.mem_gb; default: the partition's)")
+    g.add_argument("--slurm-array-parallelism", type=int, metavar="N",
+                   help="run at most N jobs of the array at once (execution.slurm.array_parallelism)")
 
-    lm = load_manifest(args.manifest, _overrides(args))
+
+def _submit(args: argparse.Namespace, lm, render: bool = True) -> int | None:
+    """Run the cells through submitit when --executor asks for it and return the exit code; None for the
+    local executor (the caller runs the cells itself)."""
+    from fishertune.report.tables import RENDERERS
+    from fishertune.runner import executors
+
+    options = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in executors.SLURM_OPTIONS.items()}
+    if args.executor == "local":
+        given = [executors.SLURM_OPTIONS[k] for k, v in options.items() if v is not None]
+        if given:
+            raise UserError(f"{given[0]} is for --executor slurm or submitit-local; add one of them (the local "
+                            "executor would run every cell here)")
+        return None
+    sub = executors.submit(lm, args.executor, args.results, only=args.only, device=args.device,
+                           overrides=_overrides(args), options=options)
+    if sub.jobs and not args.wait:
+        executors.describe(sub)
+        return 0
+    outcome = executors.wait(sub)
+    if render and lm.manifest.table in RENDERERS:
+        for path in RENDERERS[lm.manifest.table](Path(args.results) / lm.results_name):
+            print(f"wrote {path}")
+    return 1 if any(status == "failed" for _, status in outcome) else 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fishertune.runner.run import select_cells
+
+    lm = _load(args)
     if args.dry_run:
         for cell in select_cells(lm.cells(), args.only):
             print(cell.id)
         return 0
-    outcome = run_manifest(lm, args.results, only=args.only, device=args.device)
+    code = _submit(args, lm, render=not args.no_render)
+    if code is not None:
+        return code
+    return _run_here(args, lm, render=not args.no_render)
+
+
+#: what ``run`` prints beside a cell that it did not finish now
+STATUS_NOTE = {"busy": "  (another runner holds it; see `fishertune status`)",
+               "failed": "  (stopped; `fishertune status` says why; --retry-failed runs it again)"}
+
+
+def _run_here(args: argparse.Namespace, lm, render: bool = True) -> int:
+    """Run the pending cells in this process, print each one's status and render the table; exit 1 when a
+    cell failed (the others still ran)."""
+    from fishertune.report.tables import RENDERERS
+    from fishertune.runner.run import run_manifest
+
+    outcome = run_manifest(lm, args.results, only=args.only, device=args.device, retry_failed=args.retry_failed)
     for cell, status in outcome:
-        print(f"{status:8s} {cell.id}")
+        print(f"{status:8s} {cell.id}{STATUS_NOTE.get(status, '')}")
     table = lm.manifest.table
-    if not args.no_render and table in RENDERERS:
-        for path in RENDERERS[table](Path(args.results) / lm.results_name):
+    if render and table in RENDERERS and any(status in ("done", "skipped") for _, status in outcome):
+        from fishertune.report.plots import plot_results
+
+        here = Path(args.results) / lm.results_name
+        for path in RENDERERS[table](here) + plot_results(here):
             print(f"wrote {path}")
+    return 1 if any(status == "failed" for _, status in outcome) else 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from fishertune.runner.status import cell_states, format_states
+
+    lm = _load(args)
+    print(format_states(lm, cell_states(lm, args.results, only=args.only)))
     return 0
 
 
 def _cmd_fisher(args: argparse.Namespace) -> int:
-    from fishertune.runner.manifest import load_manifest
     from fishertune.runner.run import estimate_manifest
 
-    lm = load_manifest(args.manifest, _overrides(args))
+    lm = _load(args)
     for cell, paths in estimate_manifest(lm, only=args.only, device=args.device):
         print(f"{cell.row:12s} {cell.backbone}")
         for what in ("estimate", "mask", "plot"):
@@ -76,27 +176,36 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from fishertune.report.tables import RENDERERS
-    from fishertune.runner.manifest import load_manifest
     from fishertune.runner.preflight import reproduction_problems
-    from fishertune.runner.run import run_manifest, select_cells
+    from fishertune.runner.run import select_cells
     from fishertune.runner.store import ResultStore
 
-    lm = load_manifest(args.manifest, _overrides(args))
+    lm = _load(args)
     store = ResultStore(args.results, lm.results_name)
     pending = [c for c in select_cells(lm.cells(), args.only) if not store.done(c.id)]
     problems = reproduction_problems(lm, pending, args.device) if pending else []
+    if args.executor == "slurm":  # the GPUs are on the jobs' nodes (execution.slurm.gpus_per_node), not here
+        problems = [p for p in problems if not p.startswith("device: ")]
     if problems:
         for line in problems:
             print(line, file=sys.stderr)
         print(f"{lm.path}: {len(problems)} problem(s) before any training; nothing was run", file=sys.stderr)
         return 2
-    for cell, status in run_manifest(lm, args.results, only=args.only, device=args.device):
-        print(f"{status:8s} {cell.id}")
-    table = lm.manifest.table
-    if table in RENDERERS:
-        for path in RENDERERS[table](Path(args.results) / lm.results_name):
-            print(f"wrote {path}")
+    code = _submit(args, lm)
+    if code is not None:
+        return code
+    return _run_here(args, lm)
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from fishertune.report.plots import plot_results
+
+    paths = plot_results(args.results, args.out, args.manifest, methods=args.methods, backbone=args.backbone,
+                         images=args.images)
+    for path in paths:
+        print(f"wrote {path}")
+    if not paths:
+        print("nothing to plot", file=sys.stderr)
     return 0
 
 
@@ -166,16 +275,33 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_regression(args: argparse.Namespace) -> int:
     from fishertune.report import regression
     from fishertune.runner.manifest import load_manifest
+    from fishertune.runner.run import run_manifest
 
-    lm = load_manifest(args.manifest, _overrides(args))
-    if args.action == "write":
-        print(f"wrote {regression.write(lm, args.results, args.stored)}")
-        return 0
-    problems = regression.check(lm, args.results, args.tolerance, args.stored, only=args.only)
-    for line in problems:
-        print(line)
-    print(f"{len(problems)} number(s) moved by more than {args.tolerance} IoU points" if problems else "no change")
-    return 1 if problems else 0
+    if args.stored and len(args.manifest) > 1:
+        raise UserError("--stored names one regression file; give one manifest with it")
+    # every manifest is read (and its grid expanded) before any cell runs: a typo stops it at once
+    loaded = [load_manifest(path, _overrides(args), tiny=args.tiny) for path in args.manifest]
+    for lm in loaded:
+        lm.cells()
+    moved_total = 0
+    for lm in loaded:
+        if args.run:
+            for cell, status in run_manifest(lm, args.results, only=args.only, device=args.device):
+                print(f"{status:8s} {cell.id}")
+        if args.action == "check":
+            problems = regression.check(lm, args.results, args.tolerance, args.stored, only=args.only)
+            for line in problems:
+                print(line)
+            print(f"{lm.results_name}: " + (f"{len(problems)} number(s) moved by more than {args.tolerance} IoU "
+                                            "points" if problems else "no change"))
+            moved_total += len(problems)
+        else:
+            path, moved = regression.update(lm, args.results, args.tolerance, args.stored, only=args.only)
+            for line in moved:
+                print(line)
+            print(f"wrote {path}" + (f"; {len(moved)} number(s) moved by more than {args.tolerance} IoU points "
+                                     "(see git diff)" if moved else ""))
+    return 1 if moved_total else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     _cell_args(run)
     run.add_argument("--dry-run", action="store_true", help="list the cell ids and exit")
     _subset_arg(run)
-    run.add_argument("--no-render", action="store_true", help="do not render the table afterwards")
+    _tiny_arg(run)
+    run.add_argument("--no-render", action="store_true", help="do not render the table and plots afterwards")
+    _retry_arg(run)
+    _executor_args(run)
     run.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser(
@@ -211,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--results", default=DEFAULT_RESULTS, help="results root (default: %(default)s)")
     _cell_args(rep, "cpu: run without a GPU, on purpose")
     _subset_arg(rep)
+    _tiny_arg(rep)
+    _executor_args(rep)
+    _retry_arg(rep)
     rep.set_defaults(func=_cmd_reproduce)
 
     fisher = sub.add_parser(
@@ -224,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     fisher.add_argument("manifest", help="YAML manifest with fishertune rows, e.g. benchmarks/mini/ablation.yaml")
     _cell_args(fisher)
     _subset_arg(fisher)
+    _tiny_arg(fisher)
     fisher.set_defaults(func=_cmd_fisher)
 
     render = sub.add_parser("render", help="render a table from finished cells (Markdown and LaTeX)",
@@ -295,21 +428,76 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--root", required=True, help="the data set's directory")
     prepare.add_argument("--workers", type=int, help="threads converting files (default: CPU cores, at most 8)")
     prepare.set_defaults(func=_cmd_prepare)
-    reg = sub.add_parser("regression", help="store or check a manifest's per-class IoU (CI regression)",
-                         description="write: store the per-class IoU of MANIFEST's finished cells in "
-                                     "results/regression/<name>.json; check: compare finished cells against it "
-                                     "(exit 1 when a number moved by more than --tolerance).")
-    reg.add_argument("action", choices=("write", "check"))
-    reg.add_argument("manifest", help="YAML manifest whose cells are finished")
+    plot = sub.add_parser(
+        "plot", help="draw the figures of finished cells (PNG and PDF)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Draw every figure the finished cells allow, as PNG (150 dpi) and PDF, into "
+                    "OUT/<manifest name>/:\n"
+                    "  miou-vs-params              mIoU (mean over targets) against trainable backbone parameters,\n"
+                    "                              one panel per backbone, the paper's points hollow (any table)\n"
+                    "  per-class-TARGET-BACKBONE   per-class IoU bars, ours vs the paper's (Table 2 results only)\n"
+                    "  qualitative-BACKBONE-TARGET input, ground truth and predictions in the Cityscapes palette\n"
+                    "                              (the paper's Figure 2; from the predictions `fishertune run` saves\n"
+                    "                              beside each result; older cells are listed with how to rerun them)\n"
+                    "Titles say the data kind (miniature or real, subset). Results of several manifests, versions\n"
+                    "or data kinds of one table are refused: pick one with --manifest.")
+    plot.add_argument("--results", default=DEFAULT_RESULTS, metavar="DIR",
+                      help="where result JSONs are, searched recursively (default: %(default)s)")
+    plot.add_argument("--manifest", metavar="NAME", help="only results of this manifest name (e.g. mini-table1)")
+    plot.add_argument("--out", metavar="DIR", help="root of the figures; each manifest's go to DIR/<manifest "
+                      "name>/ (default: results/plots)")
+    plot.add_argument("--methods", nargs="+", metavar="ROW", help="qualitative figure: the rows whose predictions "
+                      "are shown, in this order (default: freeze rein fishertune, those that ran)")
+    plot.add_argument("--backbone", help="qualitative figure: the backbone (default: the one whose chosen cells "
+                      "have the most saved predictions, DINOv2 first on a tie)")
+    plot.add_argument("--images", type=int, default=3, metavar="N",
+                      help="qualitative figure: images per target, the first N of the evaluation set (at most "
+                           "the number saved at run time, 3) (default: %(default)s)")
+    plot.set_defaults(func=_cmd_plot)
+
+    status = sub.add_parser(
+        "status", help="list a manifest's cells as done, running, failed or pending",
+        description="For every cell of MANIFEST: done (with its mIoU), running (who holds its lock: host, "
+                    "process, since when, last heartbeat; and its last checkpoint), failed (the reason, the "
+                    "iteration, the last finite loss) or pending (with the iteration of a checkpoint to resume "
+                    "from, if any). Reads RESULTS/<results name>/ only; changes nothing.")
+    status.add_argument("manifest", help="YAML manifest, e.g. benchmarks/table1.yaml")
+    status.add_argument("--results", default=DEFAULT_RESULTS, help="results root (default: %(default)s)")
+    status.add_argument("--only", nargs="+", metavar="PATTERN", help="only cells whose id or row matches a glob")
+    _subset_arg(status)
+    _tiny_arg(status)
+    status.set_defaults(func=_cmd_status)
+
+    reg = sub.add_parser(
+        "regression", help="check or update the stored per-class IoU of small manifests (CI regression)",
+        description="check: compare the finished cells of each MANIFEST with the per-class IoU stored in "
+                    "results/regression/<results name>.json (exit 1 when a number moved by more than "
+                    "--tolerance, or a cell is new or gone). update (alias write): store the finished cells' "
+                    "numbers on purpose, listing what moved; `git diff results/regression/` then shows which "
+                    "cells moved. With --run the pending cells run first. `tox -e regression` checks the four "
+                    "mini manifests; with a GPU runner, e.g. `fishertune regression update "
+                    "benchmarks/table1.yaml --subset 100 --run` stores numbers for a real-data subset.")
+    reg.add_argument("action", choices=("check", "update", "write"))
+    reg.add_argument("manifest", nargs="+", help="YAML manifest(s), e.g. benchmarks/mini/table1.yaml")
+    reg.add_argument("--run", action="store_true", help="run the pending cells first (finished ones are skipped)")
     reg.add_argument("--results", default=DEFAULT_RESULTS, help="results root (default: %(default)s)")
-    reg.add_argument("--stored", help="regression file (default: results/regression/<manifest name>.json)")
-    reg.add_argument("--only", nargs="+", metavar="PATTERN", help="check: only the cells whose id or row matches "
-                     "a glob (the stored numbers of the other cells are not compared)")
+    reg.add_argument("--stored", help="regression file (default: results/regression/<results name>.json; one "
+                     "manifest only)")
+    _cell_args(reg, "with --run: override the manifest's execution.device")
     _subset_arg(reg)
+    _tiny_arg(reg)
     reg.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                      help="allowed change in IoU points per class (default: %(default)s)")
     reg.set_defaults(func=_cmd_regression)
     return p
+
+
+def one_line(text: str) -> str:
+    """A message as one plain line: terminal colour codes (some libraries' errors carry them) and line
+    breaks removed."""
+    import re
+
+    return " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"fishertune: error: {e}", file=sys.stderr)
+        print(f"fishertune: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fishertune: interrupted; finished cells are kept, rerun the same command to continue", file=sys.stderr)

@@ -118,7 +118,14 @@ def build_method(name: str, config: dict[str, Any] | None = None, where: str = "
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
-        raise UserError(f"{where}: method {name!r} config field {loc!r}: {err['msg']}") from None
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            import difflib
+
+            close = difflib.get_close_matches(str(err["loc"][-1]), list(cls.Config.model_fields), n=1)
+            msg = f"unknown field; {f'did you mean {close[0]!r}? ' if close else ''}fields: " \
+                  f"{', '.join(cls.Config.model_fields)}"
+        raise UserError(f"{where}: method {name!r} config field {loc!r}: {msg}") from None
     return cls(cfg)
 
 

@@ -107,7 +107,7 @@ def test_qkv_rows_are_the_query_key_value_that_segment_anythings_attention_uses(
 def test_native_size_features_equal_segment_anythings_block_outputs(tmp_path):
     up = _upstream_sam()
     path = _official_file(tmp_path, up)
-    ours = _tiny(img_size=NATIVE)
+    ours = _tiny(img_size=NATIVE, attention="explicit")  # bitwise: segment-anything's own attention
     load_sam(ours, path)
     up_enc = dict(up.image_encoder.named_parameters())
     mine = dict(ours.encoder.named_parameters())
@@ -168,7 +168,7 @@ def test_half_resolution_resizes_the_position_grid_and_the_global_rel_pos_tables
 def test_neck_is_kept_on_request_and_then_the_encoder_output_is_sams(tmp_path):
     up = _upstream_sam()
     path = _official_file(tmp_path, up)
-    ours = _tiny(img_size=NATIVE, neck=True)
+    ours = _tiny(img_size=NATIVE, neck=True, attention="explicit")
     load_sam(ours, path)
     x = torch.randn(1, 3, NATIVE, NATIVE)
     with torch.no_grad():
@@ -244,7 +244,7 @@ def test_truncated_file_and_pickled_code_are_refused_without_running_it(tmp_path
 
 
 def test_drop_path_is_per_block_per_branch_and_keeps_segment_anythings_forward():
-    b = build_backbone("sam-tiny", seed=0, drop_path_rate=0.3)
+    b = build_backbone("sam-tiny", seed=0, drop_path_rate=0.3, attention="explicit")
     rates = [getattr(blk.drop_path, "drop_prob", 0.0) for blk in b.blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])  # linear from 0, as Rein's CLIP
     # no parameter or key added: the state_dict is segment-anything's own encoder's (neck removed)
@@ -304,3 +304,23 @@ def test_sam_h_names_its_official_file_when_missing(monkeypatch, tmp_path):
     monkeypatch.setenv("FISHERTUNE_WEIGHTS", str(tmp_path))
     with pytest.raises(UserError, match=r"sam_vit_h_4b8939\.pth"):
         build_backbone("sam-h")
+
+
+def test_sdpa_attention_the_default_equals_segment_anythings_own_up_to_rounding():
+    x = torch.randn(2, 3, 64, 64)
+    sdpa, explicit = _tiny(), _tiny(attention="explicit")
+    assert all(blk.sdpa for blk in sdpa.blocks) and not any(blk.sdpa for blk in explicit.blocks)
+    explicit.load_state_dict(sdpa.state_dict())
+    with torch.no_grad():
+        for f, g in zip(sdpa.forward_features(x), explicit.forward_features(x)):
+            torch.testing.assert_close(f, g, rtol=1e-5, atol=1e-5)
+            assert not torch.equal(f, g) or f.abs().max() == 0  # really another computation
+    # and in training, with drop path, the same random draws give the same outputs
+    sdpa_t = build_backbone("sam-tiny", seed=0, drop_path_rate=0.3).train()
+    explicit_t = build_backbone("sam-tiny", seed=0, drop_path_rate=0.3, attention="explicit").train()
+    torch.manual_seed(3)
+    a = sdpa_t.forward_features(x)
+    torch.manual_seed(3)
+    b = explicit_t.forward_features(x)
+    for f, g in zip(a, b):
+        torch.testing.assert_close(f, g, rtol=1e-5, atol=1e-5)

@@ -173,3 +173,51 @@ def test_the_mask2former_head_trains_and_evaluates_through_the_runner(tmp_path, 
     losses = [loss for _, loss in r["train"]["losses"]]
     assert len(losses) == 6 and losses[-1] < 0.85 * losses[0]  # measured 0.71: its matched-mask losses fall
     assert all(t["num_images"] > 0 and sum(map(sum, t["confusion"])) > 0 for t in r["targets"].values())
+
+
+def test_tiny_override_runs_the_real_manifest_on_a_miniature_in_fishertune_data(mini_run, tmp_path, monkeypatch, capsys):
+    """`tox -e reproduce-table1 -- --tiny` with FISHERTUNE_DATA at a miniature: the real Table 1 manifest,
+    tiny backbones, same protocol, same data as the mini table, so the same numbers, in a table of its own."""
+    lm, results, _ = mini_run
+    from fishertune.runner.data import cache_dir
+
+    synth = cache_dir() / f"synth-seed{lm.manifest.data.synth_seed}-n{lm.manifest.data.synth_images}"
+    assert (synth / "SYNTH.json").is_file()
+    monkeypatch.setenv("FISHERTUNE_DATA", str(synth))
+    monkeypatch.delenv("FISHERTUNE_WEIGHTS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    code = main(["reproduce", str(ROOT / "benchmarks" / "table1.yaml"), "--tiny", "--only", "sam-tiny--freeze--*",
+                 "--results", str(tmp_path / "runs")])
+    assert code == 0
+    (ours,) = (tmp_path / "runs" / "table1-tiny").glob("sam-tiny--freeze--*.json")
+    tiny = json.loads(ours.read_text())
+    assert tiny["manifest"]["tiny"] and tiny["manifest"]["data_generated"] and tiny["manifest"]["data_kind"] == "real"
+    mini = next(c for c in select_cells(lm.cells(), ["sam-tiny--freeze--*"]))
+    ref = json.loads((results / lm.manifest.name / f"{mini.id}.json").read_text())
+    for target in ref["targets"]:
+        assert tiny["targets"][target]["per_class_iou"] == ref["targets"][target]["per_class_iou"]
+    md = (tmp_path / "results" / "tables" / "tiny" / "table1.md").read_text()
+    assert "TINY OVERRIDE" in md and "NOT the real data" in md and "Manifest table1 v1" in md
+    assert not (tmp_path / "results" / "tables" / "table1.md").exists()  # never where a real table goes
+
+
+def test_regression_update_says_what_moved_and_keeps_the_cells_not_selected(mini_run, tmp_path, capsys):
+    lm, results, _ = mini_run
+    stored = tmp_path / "stored.json"
+    assert main(["regression", "update", str(MINI), "--results", str(results), "--only", *CI_CELLS,
+                 "--stored", str(stored)]) == 0
+    first = json.loads(stored.read_text())
+    assert set(first["cells"]) == {c.id for c in select_cells(lm.cells(), CI_CELLS)}
+    # an old number that differs, and a stored cell outside the selection: update lists the first, keeps the second
+    some, other = sorted(first["cells"])[:2]
+    first["cells"][some]["targets"]["bdd100k"]["per_class_iou"]["sky"] += 3.0
+    stored.write_text(json.dumps(first))
+    capsys.readouterr()
+    assert main(["regression", "update", str(MINI), "--results", str(results), "--only", some,
+                 "--stored", str(stored)]) == 0
+    out = capsys.readouterr().out
+    assert f"{some} bdd100k sky" in out and "1 number(s) moved" in out
+    second = json.loads(stored.read_text())
+    assert set(second["cells"]) == set(first["cells"]) and second["cells"][other] == first["cells"][other]
+    assert main(["regression", "check", str(MINI), "--results", str(results), "--only", *CI_CELLS,
+                 "--stored", str(stored)]) == 0

@@ -189,3 +189,24 @@ def test_growing_schedule_trains_nested_masks_that_reach_the_budget(tmp_path):
     with pytest.raises(UserError, match="score selector"):
         m.apply(_segmentor(), _context(tmp_path, calls))
     assert calls == []  # refused before any data is read
+
+
+def test_a_cells_numbers_do_not_depend_on_whether_its_estimate_was_cached(tmp_path, mini_manifest, monkeypatch):
+    """Estimating draws from torch's random stream (Mask2Former's point sampling) and reading the cache
+    does not; training must start from the same stream either way."""
+    from fishertune.runner.manifest import load_manifest
+    from fishertune.runner.run import run_manifest
+
+    monkeypatch.setenv("FISHERTUNE_CACHE", str(tmp_path / "cache"))
+    lm = load_manifest(mini_manifest("cached", "methods: [fishertune]\ntrain: {iterations: 6}\n"
+                                               "execution: {log_every: 1}\n"
+                                               "method_configs: {fishertune: {images: 4, estimator: direct}}\n"))
+    runs = []
+    for name in ("fresh", "cached"):
+        run_manifest(lm, str(tmp_path / name), progress=False)
+        (path,) = (tmp_path / name / lm.results_name).glob("*.json")
+        runs.append(json.loads(path.read_text()))
+    assert len(list((tmp_path / "cache" / "fisher").glob("*/estimate.safetensors"))) == 1  # the second one read it
+    assert runs[0]["train"]["losses"] == runs[1]["train"]["losses"]
+    for target in runs[0]["targets"]:
+        assert runs[0]["targets"][target]["confusion"] == runs[1]["targets"][target]["confusion"]

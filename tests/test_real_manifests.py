@@ -11,7 +11,7 @@ from fishertune.runner.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [("table1.yaml", "mini/table1.yaml"), ("ablation.yaml", "mini/ablation.yaml"),
-         ("estimation.yaml", "mini/estimation.yaml")]
+         ("estimation.yaml", "mini/estimation.yaml"), ("table2.yaml", "mini/table2.yaml")]
 
 
 def _grid(lm):
@@ -28,7 +28,8 @@ def test_miniature_twins_mirror_the_real_grids(real, mini):
 
 
 @pytest.mark.parametrize("manifest, csv, key", [("table1.yaml", "table1", "method"),
-                                                ("ablation.yaml", "ablation", "selector")])
+                                                ("ablation.yaml", "ablation", "selector"),
+                                                ("table2.yaml", "table2", "method")])
 def test_every_paper_row_has_a_cell(manifest, csv, key):
     grid = _grid(load_manifest(ROOT / "benchmarks" / manifest))
     family = {v: k for k, v in PAPER_BACKBONE.items()}

@@ -57,3 +57,43 @@ def test_tox_has_a_reproduce_env_per_table_passing_the_arguments_through():
         command = tox[f"testenv:reproduce-{table}"]["commands"].strip()
         assert command == f"fishertune reproduce benchmarks/{table}.yaml {{posargs}}"
         assert (ROOT / "benchmarks" / f"{table}.yaml").is_file()
+
+
+def test_tiny_override_swaps_backbones_and_protocol_but_keeps_the_grid_and_data():
+    from fishertune.runner.manifest import load_manifest
+
+    real = load_manifest(ROOT / "benchmarks" / "table1.yaml")
+    tiny = load_manifest(ROOT / "benchmarks" / "table1.yaml", tiny=True)
+    mini = load_manifest(ROOT / "benchmarks" / "mini" / "table1.yaml")
+    assert tiny.manifest.backbones == ["clip-tiny", "mae-tiny", "sam-tiny", "eva02-tiny", "dinov2-tiny"]
+    assert tiny.results_name == "table1-tiny" and real.results_name == "table1"
+    assert not tiny.manifest.pretrained and tiny.manifest.data == real.manifest.data  # real data, no weights
+    for field in ("head", "train", "eval", "method_configs"):
+        assert getattr(tiny.manifest, field) == getattr(mini.manifest, field), field
+    # the same grid as the real manifest, row for row; the cells of the mini table but for the data kind
+    assert [c.row for c in tiny.cells()] == [c.row for c in real.cells()]
+    strip = lambda c: {k: v for k, v in c.config.items() if k not in ("data", "pretrained")}  # noqa: E731
+    assert [strip(c) for c in tiny.cells()] == [strip(c) for c in mini.cells()]
+    # MAE-H and MAE-L share one tiny variant
+    both = load_manifest(ROOT / "benchmarks" / "table1.yaml", {"backbones": ["mae-l", "mae-h"]}, tiny=True)
+    assert both.manifest.backbones == ["mae-tiny"]
+
+
+def test_tiny_override_without_data_asks_for_data_only(tmp_path):
+    data = tmp_path / "data"
+    out = _reproduce([str(ROOT / "benchmarks" / "table1.yaml"), "--tiny", "--results", str(tmp_path / "runs")],
+                     {"FISHERTUNE_DATA": str(data), "FISHERTUNE_WEIGHTS": str(tmp_path / "weights"),
+                      "FISHERTUNE_CACHE": str(tmp_path / "cache")}, tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.splitlines()[:-1]
+    assert len(lines) == 4 and all(ln.startswith("data: ") for ln in lines)  # no weights, no GPU needed
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tox_regression_env_checks_the_mini_manifests_or_the_given_ones():
+    tox = configparser.ConfigParser(interpolation=None)
+    tox.read(ROOT / "tox.ini")
+    command = tox["testenv:regression"]["commands"].strip()
+    assert command.startswith("fishertune regression check --run {posargs:")
+    for name in command.split("{posargs:")[1].rstrip("}").split():
+        assert (ROOT / name).is_file() and (ROOT / "results" / "regression" / f"mini-{Path(name).stem}.json").is_file()

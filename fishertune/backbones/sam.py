@@ -36,9 +36,10 @@ Features: SAM's blocks work on (B, H, W, C) token maps with no class token; the 
 backbone (Rein-style decode heads take the block outputs).
 
 Attention: segment-anything's ``Attention`` computes softmax(q k^T * scale + decomposed relative
-position bias) explicitly (not PyTorch's ``scaled_dot_product_attention``); it is used unchanged here.
-Routing it through SDPA with the decomposed bias as ``attn_mask`` is left to a later change (equal up to
-float rounding, not bitwise).
+position bias) explicitly. By default (``attention="sdpa"``) the blocks compute the same through
+PyTorch's ``scaled_dot_product_attention`` with the decomposed bias (segment-anything's own function)
+as ``attn_mask``, so that a GPU runs its fused memory-efficient kernel; equal to the explicit path up
+to float rounding (tested). ``attention="explicit"`` runs segment-anything's own ``Block.forward``.
 
 Token extensions (VPT prompts, VQT queries, Rein; see ``fishertune.backbones.base``): SAM has no token
 sequence to insert tokens into, and its windows would split any inserted token. ``SamBlock.forward_extended``
@@ -53,8 +54,8 @@ Assumption - stochastic depth: segment-anything's ``Block`` has no drop path and
 configuration. ``drop_path_rate`` defaults to 0.1 for ``sam-h``, the value Rein's CLIP ViT-L config
 uses, rising linearly from 0 at block 0 to the rate at the last block (as Rein's CLIP). It is applied
 per sample to each of the two residual branches of a block (timm/Rein semantics) by giving each
-upstream ``Block`` the subclass :class:`SamBlock` (same parameters and state_dict keys; in eval mode,
-or at rate 0, it runs segment-anything's own ``Block.forward``). ``sam-tiny`` defaults to 0.0.
+upstream ``Block`` the subclass :class:`SamBlock` (same parameters and state_dict keys; with
+``attention="explicit"``, in eval mode or at rate 0, it runs segment-anything's own ``Block.forward``). ``sam-tiny`` defaults to 0.0.
 """
 
 from __future__ import annotations
@@ -116,8 +117,11 @@ def _sam_block_class() -> type:
         and :meth:`forward_extended` for token extensions."""
 
         drop_path: nn.Module
+        sdpa: bool = True  # attention through F.scaled_dot_product_attention; False: segment-anything's own
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.sdpa:
+                return self.forward_extended(x, None, None)[0]
             if not self.training or isinstance(self.drop_path, nn.Identity):
                 return super().forward(x)
             # Block.forward with the two branch outputs passed through drop_path
@@ -261,6 +265,7 @@ def _sam(
     global_attn_indexes: tuple[int, ...],
     out_chans: int = 256,
     out_indices: tuple[int, ...] | None = None,
+    attention: str = "sdpa",
 ) -> SamBackbone:
     from segment_anything.modeling.image_encoder import ImageEncoderViT
 
@@ -277,8 +282,11 @@ def _sam(
             attn = encoder.blocks[i].attn
             attn.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_grid - 1, head_dim))
             attn.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_grid - 1, head_dim))
+    if attention not in ("sdpa", "explicit"):
+        raise ValueError(f"attention: 'sdpa' or 'explicit', got {attention!r}")
     block_cls = _sam_block_class()
     for i, blk in enumerate(encoder.blocks):
+        blk.sdpa = attention == "sdpa"
         rate = drop_path_rate * i / (depth - 1) if depth > 1 else drop_path_rate
         blk.__class__ = block_cls  # adds no parameters: state_dict keys stay segment-anything's
         if rate > 0:

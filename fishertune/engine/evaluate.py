@@ -4,15 +4,15 @@ Each target image is resized keeping its aspect ratio to fit the target's test s
 ``Resize(keep_ratio=True)``), normalised, and predicted by a sliding window (``crop`` x ``crop``,
 ``stride``; windows batched; a window that overhangs a small image is zero-padded and its padding
 cut from the logits); overlapping logits are averaged, resized bilinearly to the label's size and
-arg-maxed. One confusion matrix accumulates over the whole target set, and one per group when the
-reader groups its images (ACDC: one per condition, reported per condition and as their mean, as
-Rein's ``DGIoUMetric`` does).
+arg-maxed (:func:`predict`, the one place a prediction is made). One confusion matrix accumulates
+over the whole target set, and one per group when the reader groups its images (ACDC: one per
+condition, reported per condition and as their mean, as Rein's ``DGIoUMetric`` does).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -52,6 +52,23 @@ def slide_logits(model: torch.nn.Module, image: torch.Tensor, num_classes: int, 
     return logits / count
 
 
+@torch.no_grad()
+def predict(model: torch.nn.Module, image: np.ndarray, label_shape: tuple[int, int], test_size: tuple[int, int],
+            crop: int, stride: int, batch: int, device: torch.device, num_classes: int = NUM_CLASSES,
+            precision: str = "fp32") -> np.ndarray:
+    """The train-id map (``label_shape``, uint8) that evaluation predicts for one ``H x W x 3`` uint8 image:
+    ratio-keeping :class:`TestResize` to ``test_size``, :func:`slide_logits`, logits resized bilinearly to
+    ``label_shape``, arg-max. :func:`evaluate` scores exactly this. ``model`` should be in eval mode."""
+    x = to_tensor(TestResize(test_size)(image)).unsqueeze(0).to(device)
+    from fishertune.engine.train import autocast
+
+    with autocast(device, precision):
+        logits = slide_logits(model, x, num_classes, crop, stride, batch)
+    logits = F.interpolate(logits, size=tuple(int(n) for n in label_shape), mode="bilinear", align_corners=False)
+    pred = logits.argmax(1)[0].cpu().numpy()
+    return pred.astype(np.uint8) if num_classes <= 256 else pred
+
+
 @dataclass
 class TargetResult:
     """Outcome on one target set: confusion matrix, IoU per class (0..1, NaN if absent), mIoU."""
@@ -59,6 +76,8 @@ class TargetResult:
     confusion: np.ndarray
     num_images: int
     groups: dict[str, "TargetResult"] | None = None  # per group (ACDC condition), when the reader has groups
+    #: ``(index, train-id map)`` of the first images, when :func:`evaluate` was asked to keep them
+    predictions: list[tuple[int, np.ndarray]] = field(default_factory=list)
 
     @property
     def iou(self) -> np.ndarray:
@@ -79,24 +98,27 @@ class TargetResult:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, test_size: tuple[int, int], crop: int, stride: int, batch: int,
-             device: torch.device, desc: str = "eval", num_classes: int = NUM_CLASSES) -> TargetResult:
-    """Evaluate ``model`` on every image of ``dataset`` (a reader returning image and label)."""
+             device: torch.device, desc: str = "eval", num_classes: int = NUM_CLASSES, keep: int = 0,
+             precision: str = "fp32") -> TargetResult:
+    """Evaluate ``model`` on every image of ``dataset`` (a reader returning image and label); the
+    predictions (:func:`predict`) of the first ``keep`` images are returned in ``predictions``."""
     was_training = model.training
     model.eval()
-    resize = TestResize(test_size)
     scan = getattr(dataset, "scan", None)
     names = list(scan.groups) if scan is not None and len(set(scan.groups)) > 1 else [""] * len(dataset)
     confusion = {g: torch.zeros((num_classes, num_classes), dtype=torch.int64) for g in dict.fromkeys(names)}
+    kept = []
     for i in bar(range(len(dataset)), desc=desc, unit="img"):
         sample = dataset[i]
-        image = to_tensor(resize(sample["image"])).unsqueeze(0).to(device)
-        logits = slide_logits(model, image, num_classes, crop, stride, batch)
         label = torch.from_numpy(np.asarray(sample["label"]))
-        logits = F.interpolate(logits, size=tuple(label.shape), mode="bilinear", align_corners=False)
-        confusion[names[i]] += confusion_matrix(logits.argmax(1)[0].cpu(), label, num_classes)
+        pred = predict(model, sample["image"], tuple(label.shape), test_size, crop, stride, batch, device, num_classes,
+                       precision)
+        confusion[names[i]] += confusion_matrix(torch.from_numpy(pred), label, num_classes)
+        if i < keep:
+            kept.append((i, pred))
     model.train(was_training)
     pooled = sum(confusion.values()).numpy()
     if len(confusion) == 1:
-        return TargetResult(confusion=pooled, num_images=len(dataset))
+        return TargetResult(confusion=pooled, num_images=len(dataset), predictions=kept)
     groups = {g: TargetResult(confusion=c.numpy(), num_images=names.count(g)) for g, c in confusion.items()}
-    return TargetResult(confusion=pooled, num_images=len(dataset), groups=groups)
+    return TargetResult(confusion=pooled, num_images=len(dataset), groups=groups, predictions=kept)

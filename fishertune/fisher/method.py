@@ -55,7 +55,7 @@ from fishertune.runner.store import atomic_write
 from fishertune.tuning import MethodConfig, MethodContext, TuningMethod, register_method
 
 #: bump when an estimate computed with the same key would come out differently
-ESTIMATE_VERSION = 1
+ESTIMATE_VERSION = 2  # 2: SAM attention through SDPA by default
 RANDOM_SELECTORS = ("random", *RANDOM_WITHIN)
 BUDGET_FIELD = "method 'fishertune' config field 'budget'"
 
@@ -200,7 +200,9 @@ class FisherTune(TuningMethod):
                     "shift": cfg.shift.model_dump(mode="json")}
         if cfg.estimator == "variational":
             settings["variational"] = cfg.variational.model_dump(mode="json")
-        return {"version": ESTIMATE_VERSION, "identity": ctx.identity, "settings": settings}
+        # on the CPU the thread count changes the estimate's last bits (and a tiny model's training from it)
+        threads = torch.get_num_threads() if ctx.device.type == "cpu" else None
+        return {"version": ESTIMATE_VERSION, "identity": ctx.identity, "settings": settings, "cpu_threads": threads}
 
     def _folder(self, ctx: MethodContext) -> Path | None:
         if not self.cfg.cache or ctx.cache_dir is None or not ctx.identity:

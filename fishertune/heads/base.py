@@ -42,3 +42,17 @@ def check_head(name: str, cfg: dict, where: str = "") -> type[DecodeHead]:
 
 def build_head(name: str, in_channels: int, num_classes: int, where: str = "", **cfg) -> DecodeHead:
     return check_head(name, cfg, where)(in_channels=in_channels, num_classes=num_classes, **cfg)
+
+
+def mean_over_processes(count, device: torch.device):
+    """``count`` (of masks, of labelled pixels; an int or a tensor) averaged over the processes of a
+    distributed run, at least 1, as Mask2Former normalises its mask losses: each process's summed loss
+    divided by the average count makes DDP's mean of the gradients the gradient of the global batch's
+    loss. A tensor stays on its device (no wait for the GPU); one process: ``count`` itself."""
+    from torch import distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        total = torch.as_tensor(count, dtype=torch.float32, device=device).clone()
+        dist.all_reduce(total)
+        return (total / dist.get_world_size()).clamp(min=1.0)
+    return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)

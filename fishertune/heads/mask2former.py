@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fishertune.data.labels import IGNORE_INDEX
-from fishertune.heads.base import HEADS, DecodeHead
+from fishertune.heads.base import HEADS, DecodeHead, mean_over_processes
 from fishertune.heads.matcher import (HungarianMatcher, dice_loss, point_sample, sigmoid_bce_loss,
                                       uncertain_point_coords)
 from fishertune.heads.msdeform import MSDeformAttnPixelDecoder, sine_position_encoding
@@ -221,7 +221,7 @@ class Mask2FormerHead(DecodeHead):
         earlier predictions (``d0`` = before the first layer), each already weighted."""
         all_cls, all_masks = self(features)
         targets = semantic_targets(labels, self.num_classes)
-        num_masks = max(sum(int(c.numel()) for c, _ in targets), 1)
+        num_masks = mean_over_processes(sum(int(c.numel()) for c, _ in targets), labels.device)
         out = {}
         last = len(all_cls) - 1
         for i, (cls_logits, mask_logits) in enumerate(zip(all_cls, all_masks)):

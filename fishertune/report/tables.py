@@ -37,14 +37,16 @@ def _fmt(ours: float | None, paper: float | None, mark: str = "") -> str:
 def load_table_results(results: str | Path, table: str, manifest: str | None = None) -> list[dict[str, Any]]:
     """Results of ``table`` under ``results``; refuses to mix manifests, versions or data kinds."""
     found = [r for _, r in iter_results(results) if r.get("manifest", {}).get("table") == table
-             and (manifest is None or r["manifest"]["name"] == manifest)]
+             and (manifest is None or r["manifest"]["name"] == manifest)
+             and r.get("status", "done") == "done"]  # failed cells (fishertune status) are shown as not run
     if not found:
         which = f" from manifest {manifest!r}" if manifest else ""
         raise UserError(f"no finished {table} cells{which} under {results}; run `fishertune run benchmarks/{table}.yaml` first")
     kinds = {(r["manifest"]["name"], r["manifest"]["version"], r["manifest"]["data_kind"],
-              r["manifest"].get("data_subset") or 0) for r in found}
+              r["manifest"].get("data_subset") or 0, bool(r["manifest"].get("tiny"))) for r in found}
     if len(kinds) > 1:
-        listed = ", ".join(f"{n} v{v} ({k}{f', subset {sub}' if sub else ''})" for n, v, k, sub in sorted(kinds))
+        listed = ", ".join(f"{n} v{v} ({k}{f', subset {sub}' if sub else ''}{', tiny' if tiny else ''})"
+                           for n, v, k, sub, tiny in sorted(kinds))
         raise UserError(f"{results} holds {table} results of several manifests or versions ({listed}); "
                         f"pick one with --manifest NAME or point --results at one manifest's directory")
     return found
@@ -80,6 +82,19 @@ def table1_frame(results: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[str]
     return pd.DataFrame(rows).set_index(["Backbone", "Method"]), notes
 
 
+def table_dir(results: list[dict[str, Any]], out_dir: str | Path | None = None) -> Path:
+    """Where a table of ``results`` goes: ``out_dir`` if given, else ``results/tables/``, with the
+    miniature's tables in ``mini/`` and the tiny override's in ``tiny/`` so that neither can overwrite
+    (or be taken for) a real reproduction."""
+    if out_dir:
+        return Path(out_dir)
+    man = results[0]["manifest"]
+    out = Path("results") / "tables"
+    if man.get("tiny"):
+        return out / "tiny"
+    return out / "mini" if man["data_kind"] == "miniature" else out
+
+
 def caption(table: str, results: list[dict[str, Any]]) -> str:
     r = results[0]
     man = r["manifest"]
@@ -87,16 +102,25 @@ def caption(table: str, results: list[dict[str, Any]]) -> str:
     if man["data_kind"] == "miniature":
         cfg = r["config"]["data"]
         data += f", synth seed {cfg['synth_seed']}, {cfg['synth_images']} images per split"
+    elif man.get("data_generated"):
+        data = "generated data sets in the real layouts (written by fishertune data synth; NOT the real data)"
+    if man.get("tiny"):
+        data = ("TINY OVERRIDE (--tiny): every backbone replaced by its family's tiny variant with random "
+                "weights, on the miniature protocol; a check of the pipeline, NOT comparable to the paper; "
+                f"read from {data}")
     if man.get("data_subset"):
         data += (f"; SUBSET: {man['data_subset']} class-balanced images of the source and of each target "
                  "(not the full sets)")
     titles = {"table1": "GTAV -> Cityscapes, BDD100K, Mapillary; mIoU (%)",
+              "table2": f"{_route(r)}; per-class IoU and mIoU (%)",
               "ablation": "parameter selection at the same budget (FisherTune's ablation), "
                           f"{_route(r)}; mIoU (%)",
               "estimation": f"direct vs variational estimation of FIM and DR-FIM, {_route(r)}; mIoU (%)"}
     number = table.removeprefix("table")
     name = f"Table {number}" if number.isdigit() else table.capitalize()
     cells = {"table1": "each cell ours / paper (ours - paper); trainable backbone parameters ours / printed",
+             "table2": "per method three rows: ours, paper, ours - paper (trainable backbone parameters in "
+                       "millions likewise: ours, printed, difference)",
              "ablation": "each cell ours / paper (ours - paper); our trainable backbone parameters",
              "estimation": "each cell ours / - (the paper shows this comparison without numbers); our "
                            "trainable backbone parameters"}
@@ -146,12 +170,15 @@ def render_table1(results_dir: str | Path, out_dir: str | Path | None = None, ma
     results = load_table_results(results_dir, "table1", manifest)
     df, notes = table1_frame(results)
     title = caption("table1", results)
-    out = Path(out_dir) if out_dir else Path("results") / "tables"
-    if results[0]["manifest"]["data_kind"] == "miniature" and out_dir is None:
-        out = out / "mini"
-    md, tex = out / "table1.md", out / "table1.tex"
-    atomic_write_text(md, to_markdown(df, title, notes))
-    atomic_write_text(tex, to_latex(df, title, notes, "table1"))
+    return write_table("table1", table_dir(results, out_dir), to_markdown(df, title, notes),
+                       to_latex(df, title, notes, "table1"))
+
+
+def write_table(stem: str, out: Path, markdown: str, latex: str) -> list[Path]:
+    """``<out>/<stem>.md`` and ``.tex``, each written atomically."""
+    md, tex = out / f"{stem}.md", out / f"{stem}.tex"
+    atomic_write_text(md, markdown)
+    atomic_write_text(tex, latex)
     return [md, tex]
 
 
@@ -208,13 +235,8 @@ def render_grid(table: str, results_dir: str | Path, out_dir: str | Path | None 
     results = load_table_results(results_dir, table, manifest)
     df, notes = grid_frame(results, table)
     title = caption(table, results)
-    out = Path(out_dir) if out_dir else Path("results") / "tables"
-    if results[0]["manifest"]["data_kind"] == "miniature" and out_dir is None:
-        out = out / "mini"
-    md, tex = out / f"{table}.md", out / f"{table}.tex"
-    atomic_write_text(md, to_markdown(df, title, notes))
-    atomic_write_text(tex, to_latex(df, title, notes, table))
-    return [md, tex]
+    return write_table(table, table_dir(results, out_dir), to_markdown(df, title, notes),
+                       to_latex(df, title, notes, table))
 
 
 #: our full-size variant standing for each of the paper's Table 1 backbones (MAE: Rein's ViT-L runs)
@@ -266,4 +288,7 @@ def render_table1_paper(out_dir: str | Path | None = None) -> list[Path]:
 
 RENDERERS = {"table1": render_table1,
              "ablation": lambda *a, **k: render_grid("ablation", *a, **k),
-             "estimation": lambda *a, **k: render_grid("estimation", *a, **k)}
+             "estimation": lambda *a, **k: render_grid("estimation", *a, **k),
+             # imported lazily: table2 imports this module
+             "table2": lambda *a, **k: __import__("fishertune.report.table2", fromlist=["render_table2"]).render_table2(
+                 *a, **k)}

@@ -45,12 +45,25 @@ def data_roots(m: Manifest, names: list[str], progress: bool = True) -> dict[str
     return out
 
 
+def generated(m: Manifest) -> bool:
+    """Whether the data the manifest reads was written by ``fishertune data synth`` (the miniature, or a
+    real-layout tree with the generator's SYNTH.json beside the data sets, e.g. in ``$FISHERTUNE_DATA``)."""
+    if m.data.kind == "miniature":
+        return True
+    roots = data_roots(m, [m.source, *m.targets], progress=False)
+    return any((root.parent / "SYNTH.json").is_file() for root in roots.values())
+
+
 def open_datasets(m: Manifest, progress: bool = True):
     """The source training reader and one evaluation reader per target, after verifying each tree
     (pairs, counts, label values, sizes); with ``data.subset``, class-balanced subsets of them."""
     from fishertune.data.verify import preflight
 
     roots = data_roots(m, [m.source, *m.targets], progress)
+    for name, root in roots.items():
+        if not root.is_dir():
+            raise UserError(f"{name} is expected at {root}, which is not a directory; unpack the official download "
+                            f"there, or point {DATA_ENV} / data.root / data.roots.{name} at it")
     # the same check as `fishertune data verify`, before any training (remembered once passed)
     for name, split in [(m.source, SPLITS[m.source][0]), *((t, SPLITS[t][1]) for t in m.targets)]:
         preflight(name, roots[name], split, cache_dir(), progress)

@@ -70,6 +70,8 @@ class TrainConfig(Strict):
     cat_max_ratio: float = Field(gt=0, le=1, description="max share of one class in a crop (0.75)")
     flip_prob: float = Field(ge=0, le=1, description="horizontal flip probability")
     photometric: bool = Field(description="mmseg photometric distortion on/off")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32 (Rein) or bf16 autocast of forward "
+                                               "and loss, in training and evaluation (weights and optimizer fp32)")
 
 
 class EvalConfig(Strict):
@@ -78,11 +80,36 @@ class EvalConfig(Strict):
     test_sizes: dict[str, Pair] = Field(description="per target: [long, short] bound of the ratio-keeping resize")
 
 
+class SlurmConfig(Strict):
+    """Resources of each cell's job under ``--executor slurm`` (submitit; one job per cell, one job array)."""
+
+    partition: str | None = Field(None, description="Slurm partition (null: the cluster's default)")
+    account: str | None = Field(None, description="Slurm account to charge")
+    qos: str | None = Field(None, description="Slurm quality of service")
+    constraint: str | None = Field(None, description="Slurm node feature constraint, e.g. a100")
+    gpus_per_node: int = Field(1, ge=0, description="GPUs per job (one cell uses one GPU; 0: none requested)")
+    cpus_per_task: int = Field(8, gt=0, description="CPU cores per job (data loading workers, evaluation)")
+    mem_gb: float | None = Field(None, gt=0, description="memory per job in GB (null: the partition's default)")
+    timeout_min: int = Field(24 * 60, gt=0, description="wall-time limit per job in minutes")
+    array_parallelism: int | None = Field(None, gt=0, description="at most this many jobs of the array run at "
+                                          "once (null: submitit's 256)")
+    setup: list[str] = Field(default_factory=list, description="shell lines run in each job before Python, e.g. "
+                             "'module load cuda'")
+    additional_parameters: dict[str, str | int | bool] = Field(
+        default_factory=dict, description="any other sbatch option by its long name, e.g. {requeue: true}")
+
+
 class ExecutionConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(4, ge=0)
     eval_batch: int = Field(8, gt=0)
     log_every: int = Field(50, gt=0)
+    compile: bool = Field(False, description="put the training loss module through torch.compile")
+    checkpoint_every: int = Field(1000, ge=0, description="save the training state every N iterations (0: never); "
+                                  "rerunning after a kill continues from the last one")
+    threads: int | None = Field(None, gt=0, description="intra-op CPU threads (null: torch's default); fixed by "
+                                "the mini protocol because the count changes CPU results in the last bits")
+    slurm: SlurmConfig = Field(SlurmConfig(), description="resources of each cell's job under --executor slurm")
 
 
 class MethodEntry(Strict):
@@ -209,10 +236,47 @@ def _explain(err: dict[str, Any]) -> str:
     return f"{field}: {err['msg']} (got {value!r})" if not isinstance(value, (dict, list)) else f"{field}: {err['msg']}"
 
 
-def load_manifest(path: str | Path, overrides: dict[str, Any] | None = None) -> "LoadedManifest":
+#: the miniature's protocol, which ``tiny`` lays over a manifest: the clone's copy, else the working directory's
+MINI_PROTOCOLS = (Path(__file__).resolve().parents[2] / "benchmarks" / "mini" / "protocol.yaml",
+                  Path("benchmarks") / "mini" / "protocol.yaml")
+
+
+def tiny_variant(backbone: str, where: str = "") -> str:
+    """The tiny variant of ``backbone``'s family (``sam-h`` -> ``sam-tiny``)."""
+    from fishertune.backbones import BACKBONES
+
+    family = BACKBONES.get(backbone, where).family
+    name = f"{family}-tiny"
+    if name not in BACKBONES:
+        raise UserError(f"{where}: {backbone}: its family {family!r} has no tiny variant {name!r}; --tiny needs "
+                        f"one (register it beside the family's other variants)")
+    return name
+
+
+def _tiny(path: Path, merged: dict[str, Any]) -> dict[str, Any]:
+    """``merged`` with the miniature protocol laid over it (all but its data section), every backbone
+    swapped for its family's tiny variant (random weights) and no checkpoint paths."""
+    protocol = next((p for p in MINI_PROTOCOLS if p.is_file()), None)
+    if protocol is None:
+        raise UserError(f"--tiny needs the miniature protocol at {MINI_PROTOCOLS[0]}; run from a clone of "
+                        "fishertune-bench")
+    mini = {k: v for k, v in _read_yaml(protocol).items() if k != "data"}
+    out = _merge(merged, mini)
+    backbones = merged.get("backbones")
+    if isinstance(backbones, list):
+        out["backbones"] = list(dict.fromkeys(tiny_variant(str(b), f"{path}: backbones") for b in backbones))
+    out["pretrained"] = False
+    out["weights"] = {}
+    return out
+
+
+def load_manifest(path: str | Path, overrides: dict[str, Any] | None = None, tiny: bool = False) -> "LoadedManifest":
     """Read, merge and validate a manifest; any problem is a one-line :class:`UserError`.
 
-    ``overrides`` (from the command line, e.g. ``{"data": {"subset": 50}}``) are merged last."""
+    ``overrides`` (from the command line, e.g. ``{"data": {"subset": 50}}``) are merged last. ``tiny``
+    runs the manifest's grid on the tiny backbones and the miniature protocol, reading the manifest's
+    data (a check of the whole pipeline without weights or a GPU, e.g. on a miniature in
+    ``$FISHERTUNE_DATA``); its results go to ``<name>-tiny`` and its tables say TINY."""
     path = Path(path)
     raw = _read_yaml(path)
     merged = defaults()
@@ -228,11 +292,13 @@ def load_manifest(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     merged = _merge(merged, raw)
     if overrides:
         merged = _merge(merged, overrides)
+    if tiny:
+        merged = _tiny(path, merged)
     try:
         manifest = Manifest(**merged)
     except ValidationError as e:
         raise UserError(f"{path}: {_explain(e.errors()[0])}") from None
-    return LoadedManifest(path=path, manifest=manifest)
+    return LoadedManifest(path=path, manifest=manifest, tiny=tiny)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,13 +321,15 @@ class Cell:
 class LoadedManifest:
     path: Path
     manifest: Manifest
+    tiny: bool = False  # the tiny override (load_manifest's ``tiny``)
 
     @property
     def results_name(self) -> str:
-        """The folder of this manifest's results: its name, plus ``-subset<N>`` for a subset run, so that
-        quick runs on a subset never sit beside (or get tabled with) full runs."""
+        """The folder of this manifest's results: its name, plus ``-tiny`` under the tiny override and
+        ``-subset<N>`` for a subset run, so that such runs never sit beside (or get tabled with) full runs."""
         m = self.manifest
-        return f"{m.name}-subset{m.data.subset}" if m.data.subset else m.name
+        name = f"{m.name}-tiny" if self.tiny else m.name
+        return f"{name}-subset{m.data.subset}" if m.data.subset else name
 
     def cells(self) -> list[Cell]:
         """Expand backbones x methods to cells, validating every name and method config."""
@@ -290,7 +358,8 @@ class LoadedManifest:
                     "targets": list(m.targets),
                     "aggregate": m.aggregate,
                     "seed": m.seed,
-                    "train": m.train.model_dump(mode="json"),
+                    # a field added later is left out at its default, so that existing cells keep their ids
+                    "train": m.train.model_dump(mode="json", exclude={"precision"} if m.train.precision == "fp32" else None),
                     "eval": {**m.eval.model_dump(mode="json"),
                              "test_sizes": {t: m.eval.test_sizes[t] for t in m.targets}},
                     "data": {"kind": m.data.kind}

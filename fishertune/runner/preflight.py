@@ -21,13 +21,15 @@ from fishertune.runner.manifest import Cell, LoadedManifest
 
 def _device_problem(lm: LoadedManifest, device: str | None) -> str | None:
     wanted = device or lm.manifest.execution.device
+    if lm.tiny and wanted == "auto":
+        return None  # tiny backbones: minutes on a CPU
     if wanted in ("auto", "cuda") and not torch.cuda.is_available():
         return ("device: no GPU (torch.cuda.is_available() is False); run on a machine with one, or pass "
                 "--device cpu to train on the CPU (days per full-size cell)")
     return None
 
 
-def _weights_problems(lm: LoadedManifest, cells: list[Cell]) -> list[str]:
+def weights_problems(lm: LoadedManifest, cells: list[Cell]) -> list[str]:
     m = lm.manifest
     problems = []
     if not m.pretrained:
@@ -68,6 +70,6 @@ def reproduction_problems(lm: LoadedManifest, cells: list[Cell], device: str | N
                           progress: bool = True) -> list[str]:
     """Every reason the cells cannot run here, one line each (empty: ready)."""
     problems = [p for p in [_device_problem(lm, device)] if p]
-    problems += _weights_problems(lm, cells)
+    problems += weights_problems(lm, cells)
     problems += _data_problems(lm, progress)
     return problems

@@ -11,27 +11,34 @@ import resource
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from fishertune.backbones import BACKBONES, build_backbone
 from fishertune.backbones.weights import resolve_weights
 from fishertune.data import CLASSES, NUM_CLASSES, TrainTransform
 from fishertune.engine.evaluate import evaluate
-from fishertune.engine.train import source_batches, train
+from fishertune.engine.checkpoint import Checkpoint
+from fishertune.engine.train import NonFiniteLoss, source_batches, train, world
 from fishertune.errors import UserError
 from fishertune.heads import build_head
 from fishertune.progress import bar
-from fishertune.runner.data import cache_dir, open_datasets
-from fishertune.runner.environment import device_name, git_state, package_versions, resolve_device
+from fishertune.runner.data import cache_dir, generated, open_datasets
+from fishertune.runner.environment import (agree, barrier, cpu_threads, device_name, git_state, init_distributed,
+                                           package_versions, resolve_device)
+from fishertune.runner.lock import CellLock
 from fishertune.runner.manifest import Cell, LoadedManifest
-from fishertune.runner.store import ResultStore
+from fishertune.runner.store import ResultStore, atomic_write
 from fishertune.segmentor import Segmentor
 from fishertune.tuning import MethodContext, build_method, parameter_counts
 
 RESULT_SCHEMA = 1
+#: evaluation images per target whose predicted train-id map is saved beside the result (qualitative plot)
+SAVED_PREDICTIONS = 3
 
 
 def select_cells(cells: list[Cell], only: list[str] | None) -> list[Cell]:
@@ -68,6 +75,22 @@ def _target_record(res) -> dict[str, Any]:
             record["per_class_iou"] = _per_class(np.nanmean(stacked, axis=0))
         record["pooled_miou"] = 100.0 * res.pooled_miou
     return record
+
+
+def save_predictions(result_path: Path, target: str, dataset, kept: list[tuple[int, np.ndarray]]) -> list[dict]:
+    """Write each kept prediction as a lossless 8-bit PNG of train ids, atomically, in
+    ``<cell id>.pred/<target>-<index>.png`` beside the result JSON ``result_path``; return the records
+    of the result's ``predictions`` entry (image and label as read, the reader that reads them, and the
+    PNG's path relative to the result's directory)."""
+    folder = f"{result_path.stem}.pred"
+    records = []
+    for index, pred in kept:
+        rel = f"{folder}/{target}-{index}.png"
+        atomic_write(result_path.parent / rel, lambda tmp, p=pred: Image.fromarray(p.astype(np.uint8)).save(tmp, "PNG"))
+        image, label = dataset.pairs[index]
+        records.append({"image": str(image), "label": str(label), "prediction": rel, "index": index,
+                        "dataset": dataset.name, "root": str(dataset.root), "split": dataset.split})
+    return records
 
 
 def model_identity(lm: LoadedManifest, cell: Cell, source) -> dict[str, Any]:
@@ -110,8 +133,13 @@ def prepare_cell(lm: LoadedManifest, cell: Cell, source, device: torch.device):
     return segmentor, method, ctx, transform
 
 
-def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torch.device) -> dict[str, Any]:
-    """Train and evaluate one cell; return its result record (not yet written)."""
+def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torch.device,
+             result_path: Path | None = None, checkpoint: Checkpoint | None = None) -> dict[str, Any] | None:
+    """Train and evaluate one cell; return its result record (not yet written). With ``result_path`` (where
+    the record will be written), the predictions of the first :data:`SAVED_PREDICTIONS` images of each
+    target are saved beside it (:func:`save_predictions`) before the record is returned. With
+    ``checkpoint``, training saves its state there and continues from it when it exists. In a
+    distributed run every process trains and process 0 alone evaluates; the others return None."""
     m = lm.manifest
     ex = m.execution
     started = time.perf_counter()
@@ -119,52 +147,83 @@ def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torc
         torch.cuda.reset_peak_memory_stats(device)
     segmentor, method, ctx, transform = prepare_cell(lm, cell, source, device)
     params = parameter_counts(segmentor, method)
+    # a Fisher estimate computed or read from the cache leaves torch's stream in different states; training
+    # reseeds it (engine.train), so a cell's numbers do not depend on whether an estimate was cached
     method.before_training(segmentor, ctx)
     stats = train(segmentor, method, source, transform, iterations=m.train.iterations, batch_size=m.train.batch_size,
                   lr=m.train.lr, weight_decay=m.train.weight_decay, poly_power=m.train.poly_power,
                   warmup=m.train.warmup_iterations, seed=m.seed, device=device, num_workers=ex.num_workers,
-                  log_every=ex.log_every, desc=f"train {cell.backbone}/{cell.row}")
-    per_target = {}
+                  log_every=ex.log_every, desc=f"train {cell.backbone}/{cell.row}", precision=m.train.precision,
+                  compile=ex.compile, checkpoint=checkpoint)
+    if world()[0] != 0:
+        return None
+    per_target, predictions = {}, {}
     for name, dataset in targets.items():
         res = evaluate(segmentor, dataset, tuple(m.eval.test_sizes[name]), m.eval.crop_size, m.eval.stride,
-                       ex.eval_batch, device, desc=f"eval {name}")
+                       ex.eval_batch, device, desc=f"eval {name}", keep=SAVED_PREDICTIONS if result_path else 0,
+                       precision=m.train.precision)
+        if res.predictions:
+            predictions[name] = save_predictions(Path(result_path), name, dataset, res.predictions)
         per_target[name] = _target_record(res) | {
             "test_size": list(m.eval.test_sizes[name]), "crop_size": m.eval.crop_size, "stride": m.eval.stride}
         if res.groups:
             per_target[name]["groups"] = {g: _target_record(r) for g, r in res.groups.items()}
     aggregate = sum(t["miou"] for t in per_target.values()) / len(per_target)
     return {
+        **_identity(lm, cell, "done"),
+        "targets": per_target,
+        "predictions": predictions,
+        "aggregate": {"name": m.aggregate, "miou": aggregate},
+        "params": params,
+        "train": {"seconds": stats.seconds, "losses": stats.losses, "source_images": len(source),
+                  "source_subset": m.data.subset, "resumed_from": stats.resumed_from},
+        **_where(device, started, world()[1]),
+    }
+
+
+def _identity(lm: LoadedManifest, cell: Cell, status: str) -> dict[str, Any]:
+    """The part of a result that says which cell of which manifest it is."""
+    m = lm.manifest
+    return {
         "schema": RESULT_SCHEMA,
-        "status": "done",
+        "status": status,
         "cell_id": cell.id,
         "manifest": {"path": str(lm.path), "name": m.name, "version": m.version, "table": m.table,
-                     "data_kind": m.data.kind, "data_subset": m.data.subset},
+                     "data_kind": m.data.kind, "data_subset": m.data.subset, "data_generated": generated(m),
+                     "tiny": lm.tiny},
         "backbone": cell.backbone,
         "method": cell.method,
         "row": cell.row,
         "config": cell.config,
-        "targets": per_target,
-        "aggregate": {"name": m.aggregate, "miou": aggregate},
-        "params": params,
-        "train": {"seconds": stats.seconds, "losses": stats.losses, "source_images": len(source),
-                  "source_subset": m.data.subset},
-        "wall_time_s": time.perf_counter() - started,
-        "peak_memory_mb": _peak_memory_mb(device),
-        "device": device_name(device),
         "seed": m.seed,
-        "git": git_state(),
-        "versions": package_versions(),
     }
 
 
+def _where(device: torch.device, started: float, processes: int) -> dict[str, Any]:
+    """Where and how long a cell ran, and with which code."""
+    return {"wall_time_s": time.perf_counter() - started, "peak_memory_mb": _peak_memory_mb(device),
+            "device": device_name(device), "processes": processes, "git": git_state(), "versions": package_versions()}
+
+
+def failed_record(lm: LoadedManifest, cell: Cell, error: NonFiniteLoss, device: torch.device,
+                  started: float) -> dict[str, Any]:
+    """The result of a cell that stopped for good: why, at which iteration, the last finite loss."""
+    return {**_identity(lm, cell, "failed"),
+            "failure": {"reason": str(error), "iteration": error.iteration,
+                        "last_finite": list(error.last_finite) if error.last_finite else None},
+            **_where(device, started, world()[1])}
+
+
 def _check_weights(lm: LoadedManifest, cells: list[Cell]) -> None:
-    """Every weights file the cells need is present (a missing one is a one-line error naming its path)."""
-    m = lm.manifest
-    if m.pretrained:
-        for name in dict.fromkeys(c.backbone for c in cells):
-            spec = BACKBONES.get(name)
-            if spec.weights:
-                resolve_weights(spec.weights, m.weights.get(name), name)
+    """Every weights file the cells need is present and fits its backbone (read without running code,
+    matched key by key against the architecture built on the meta device): the first problem is a
+    one-line error naming the file, before any data is read or any cell runs."""
+    from fishertune.runner.preflight import weights_problems
+
+    problems = weights_problems(lm, cells)
+    if problems:
+        more = f" (and {len(problems) - 1} more: `fishertune reproduce` lists them all)" if len(problems) > 1 else ""
+        raise UserError(problems[0].removeprefix("weights: ") + more)
 
 
 def estimate_manifest(lm: LoadedManifest, only: list[str] | None = None, device: str | None = None,
@@ -180,29 +239,64 @@ def estimate_manifest(lm: LoadedManifest, only: list[str] | None = None, device:
     _check_weights(lm, cells)
     source, _ = open_datasets(m, progress)
     out = []
-    for cell in bar(cells, desc=f"fisher {lm.results_name}", unit="cell", leave=True):
-        segmentor, method, ctx, _ = prepare_cell(lm, cell, source, dev)
-        method.before_training(segmentor, ctx)
-        out.append((cell, dict(method.paths)))
+    with cpu_threads(m.execution.threads):
+        for cell in bar(cells, desc=f"fisher {lm.results_name}", unit="cell", leave=True):
+            segmentor, method, ctx, _ = prepare_cell(lm, cell, source, dev)
+            method.before_training(segmentor, ctx)
+            out.append((cell, dict(method.paths)))
     return out
 
 
 def run_manifest(lm: LoadedManifest, results: str, only: list[str] | None = None, device: str | None = None,
-                 progress: bool = True) -> list[tuple[Cell, str]]:
-    """Run every pending cell; returns ``(cell, "done" | "skipped")`` per selected cell."""
+                 progress: bool = True, retry_failed: bool = False) -> list[tuple[Cell, str]]:
+    """Run every pending cell; returns ``(cell, status)`` per selected cell: ``done``, ``failed`` (a
+    non-finite loss; its result says why, and the sweep goes on), ``skipped`` (a result exists; failed
+    cells are retried only with ``retry_failed``) or ``busy`` (another runner holds its lock).
+
+    Each cell runs under its lock (:mod:`fishertune.runner.lock`) and checkpoints every
+    ``execution.checkpoint_every`` iterations under ``<results>/<name>/checkpoints/``; rerunning after a
+    kill continues from there. Under ``torchrun`` the processes run each cell together (DDP)."""
     m = lm.manifest
     cells = select_cells(lm.cells(), only)
     store = ResultStore(results, lm.results_name)
     store.check_writable()
-    dev = resolve_device(device or m.execution.device)
-    pending = [c for c in cells if not store.done(c.id)]
-    outcome = [(c, "skipped") for c in cells if store.done(c.id)]
+    dev, rank, world_size = init_distributed(resolve_device(device or m.execution.device))
+
+    def finished(cell: Cell) -> bool:
+        status = store.status(cell.id)
+        return status == "done" or (status == "failed" and not retry_failed)
+
+    pending = [c for c in cells if not finished(c)]
+    outcome = [(c, "skipped") for c in cells if finished(c)]
     if not pending:
         return outcome
     _check_weights(lm, pending)  # pre-flight, before any training
     source, targets = open_datasets(m, progress)
-    for cell in bar(pending, desc=lm.results_name, unit="cell", leave=True):
-        result = run_cell(lm, cell, source, targets, dev)
-        store.write(cell.id, result)
-        outcome.append((cell, "done"))
+    with cpu_threads(m.execution.threads):
+        for cell in bar(pending, desc=lm.results_name, unit="cell", leave=True):
+            lock = CellLock(store.lock_path(cell.id))
+            # process 0 decides (its lock, the result written meanwhile by another runner) for all processes
+            decision = "run"
+            if rank == 0:
+                decision = "busy" if not lock.acquire() else ("skipped" if finished(cell) else "run")
+            decision = agree(decision)
+            try:
+                if decision != "run":
+                    outcome.append((cell, decision))
+                    continue
+                checkpoint = Checkpoint(store.checkpoint_path(cell.id), m.execution.checkpoint_every)
+                started = time.perf_counter()
+                try:
+                    result = run_cell(lm, cell, source, targets, dev, result_path=store.path(cell.id),
+                                      checkpoint=checkpoint)
+                except NonFiniteLoss as e:
+                    result = failed_record(lm, cell, e, dev, started)
+                if rank == 0:
+                    store.write(cell.id, result)
+                    checkpoint.remove()
+                outcome.append((cell, result["status"] if result else "done"))
+            finally:
+                if rank == 0:
+                    lock.release()
+                barrier()
     return outcome

@@ -63,8 +63,30 @@ class ResultStore:
     def path(self, cell_id: str) -> Path:
         return self.dir / f"{cell_id}.json"
 
+    def lock_path(self, cell_id: str) -> Path:
+        return self.dir / "locks" / f"{cell_id}.lock"
+
+    def checkpoint_path(self, cell_id: str) -> Path:
+        return self.dir / "checkpoints" / f"{cell_id}.pt"
+
     def done(self, cell_id: str) -> bool:
+        """A result exists: the cell finished (``done``) or stopped for good (``failed``)."""
         return self.path(cell_id).is_file()
+
+    def read(self, cell_id: str) -> dict[str, Any] | None:
+        path = self.path(cell_id)
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not a valid result file ({e.msg} at line {e.lineno}); delete it to rerun "
+                            "the cell") from None
+
+    def status(self, cell_id: str) -> str | None:
+        """``done``, ``failed`` or None (no result yet)."""
+        r = self.read(cell_id)
+        return None if r is None else r.get("status", "done")
 
     def write(self, cell_id: str, result: dict[str, Any]) -> Path:
         path = self.path(cell_id)
