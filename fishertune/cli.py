@@ -43,10 +43,19 @@ def _tiny_arg(parser: argparse.ArgumentParser) -> None:
                              "to RESULTS/<manifest name>-tiny/, tables to results/tables/tiny/ and say TINY")
 
 
-def _retry_arg(parser: argparse.ArgumentParser) -> None:
+def _sweep_args(parser: argparse.ArgumentParser, example: str,
+                device_help: str = "override the manifest's execution.device") -> None:
+    """What `run` and `reproduce` both take: the manifest, where results go, which cells, on what."""
+    parser.add_argument("manifest", help=f"YAML manifest, e.g. {example}")
+    parser.add_argument("--results", default=DEFAULT_RESULTS, help="results root; one JSON per cell under "
+                        "RESULTS/<results name>/ (default: %(default)s)")
+    _cell_args(parser, device_help)
+    _subset_arg(parser)
+    _tiny_arg(parser)
     parser.add_argument("--retry-failed", action="store_true",
                         help="run cells whose result says failed (a non-finite loss) again; by default they are "
                              "kept and skipped, as rerunning the same config fails the same way")
+    _executor_args(parser)
 
 
 def _cell_args(parser: argparse.ArgumentParser, device_help: str = "override the manifest's execution.device") -> None:
@@ -103,6 +112,9 @@ def _submit(args: argparse.Namespace, lm, render: bool = True) -> int | None:
             raise UserError(f"{given[0]} is for --executor slurm or submitit-local; add one of them (the local "
                             "executor would run every cell here)")
         return None
+    if args.retry_failed:  # the jobs run what has no result; a failed cell has one
+        raise UserError("--retry-failed runs here only (--executor local); to resubmit failed cells, delete their "
+                        "result JSONs (`fishertune status` lists them) and submit again")
     sub = executors.submit(lm, args.executor, args.results, only=args.only, device=args.device,
                            overrides=_overrides(args), options=options)
     if sub.jobs and not args.wait:
@@ -318,16 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train and evaluate a manifest's cells, then render its table",
                          description="Expand MANIFEST to cells (backbone x method), run each pending cell "
                                      "(cells with a result are skipped) and render the manifest's table.")
-    run.add_argument("manifest", help="YAML manifest, e.g. benchmarks/mini/table1.yaml")
-    run.add_argument("--results", default=DEFAULT_RESULTS, help="results root; one JSON per cell under "
-                     "RESULTS/<manifest name>/ (default: %(default)s)")
-    _cell_args(run)
+    _sweep_args(run, "benchmarks/mini/table1.yaml")
     run.add_argument("--dry-run", action="store_true", help="list the cell ids and exit")
-    _subset_arg(run)
-    _tiny_arg(run)
     run.add_argument("--no-render", action="store_true", help="do not render the table and plots afterwards")
-    _retry_arg(run)
-    _executor_args(run)
     run.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser(
@@ -336,13 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and verified, each checkpoint present and fitting its backbone, a GPU unless --device cpu) "
                     "and list every problem at once (exit 2); then run the pending cells (finished ones are "
                     "skipped) and render the table with the paper's numbers beside ours.")
-    rep.add_argument("manifest", help="e.g. benchmarks/table1.yaml")
-    rep.add_argument("--results", default=DEFAULT_RESULTS, help="results root (default: %(default)s)")
-    _cell_args(rep, "cpu: run without a GPU, on purpose")
-    _subset_arg(rep)
-    _tiny_arg(rep)
-    _executor_args(rep)
-    _retry_arg(rep)
+    _sweep_args(rep, "benchmarks/table1.yaml", "cpu: run without a GPU, on purpose")
     rep.set_defaults(func=_cmd_reproduce)
 
     fisher = sub.add_parser(

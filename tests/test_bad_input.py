@@ -157,6 +157,8 @@ CASES = [
                                                      replace=("[freeze]", "[fishertune]"))), "budget"),
     ("zero budget", lambda c: c.run(c.manifest("method_configs: {fishertune: {budget: 0.0}}\n",
                                                replace=("[freeze]", "[fishertune]"))), "budget"),
+    ("retry with a job executor", lambda c: c.run(c.manifest(), "--executor", "submitit-local", "--retry-failed"),
+     "--retry-failed runs here only"),
     ("subset of zero", lambda c: c.run(c.manifest(), "--subset", "0"), "subset"),
     # data
     ("no data root", lambda c: c.run(c.real(c.tmp / "absent")), "gtav is expected at"),
