@@ -57,7 +57,8 @@ def cpu_threads(n: int | None):
 
     The count decides how CPU reductions split their sums, so it changes results in the last bits, and
     the tiny randomly initialised models of the miniature amplify those bits over 400 steps (measured:
-    sam-tiny freeze, GTAV -> Cityscapes mIoU 9.90 with 2 threads, 11.77 with 1). The mini protocol
+    sam-tiny freeze, GTAV -> Cityscapes mIoU 11.81 with 2 threads, 11.88 with 1; 9.90 and 11.77 under
+    the previous version's training stream). The mini protocol
     therefore fixes it, so that its stored regression numbers hold on any machine with the same CPU."""
     before = torch.get_num_threads()
     if n is not None:
