@@ -14,6 +14,7 @@ User errors (bad manifest, missing data or weights, bad labels) print one line o
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,8 +24,15 @@ DEFAULT_RESULTS = "results/runs"
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    """Manifest fields set on the command line."""
-    return {"data": {"subset": args.subset}} if getattr(args, "subset", None) is not None else {}
+    """Manifest fields set on the command line (--subset, --seeds)."""
+    out: dict = {}
+    if getattr(args, "subset", None) is not None:
+        out["data"] = {"subset": args.subset}
+    if getattr(args, "seeds", None) is not None:
+        if args.seeds < 1:
+            raise UserError(f"--seeds must be at least 1, got {args.seeds}")
+        out["seeds"] = args.seeds
+    return out
 
 
 def _load(args: argparse.Namespace):
@@ -51,7 +59,12 @@ def _sweep_args(parser: argparse.ArgumentParser, example: str,
                         "RESULTS/<results name>/ (default: %(default)s)")
     _cell_args(parser, device_help)
     _subset_arg(parser)
+    _seeds_arg(parser)
     _tiny_arg(parser)
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="with the local executor: run N cells at once, each in its own process with the "
+                             "manifest's execution.threads threads (overrides execution.jobs; the mini protocol runs "
+                             "2 of 1 thread on 2 cores); a cell's numbers do not depend on it")
     parser.add_argument("--retry-failed", action="store_true",
                         help="run cells whose result says failed (a non-finite loss) again; by default they are "
                              "kept and skipped, as rerunning the same config fails the same way")
@@ -62,6 +75,13 @@ def _cell_args(parser: argparse.ArgumentParser, device_help: str = "override the
     """--only and --device, as every command that runs cells takes them."""
     parser.add_argument("--only", nargs="+", metavar="PATTERN", help="only cells whose id or row matches a glob")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help=device_help)
+
+
+def _seeds_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", type=int, metavar="N",
+                        help="run N seeds of every cell: the manifest's seeds (or its seed) continued by consecutive "
+                             "integers, e.g. seed 42 and --seeds 3 give 42, 43, 44; each seed is a cell of its own "
+                             "(the first seed's cells keep their ids) and tables show mean +- std over them")
 
 
 def _subset_arg(parser: argparse.ArgumentParser) -> None:
@@ -152,7 +172,8 @@ def _run_here(args: argparse.Namespace, lm, render: bool = True) -> int:
     from fishertune.report.tables import RENDERERS
     from fishertune.runner.run import run_manifest
 
-    outcome = run_manifest(lm, args.results, only=args.only, device=args.device, retry_failed=args.retry_failed)
+    outcome = run_manifest(lm, args.results, only=args.only, device=args.device, retry_failed=args.retry_failed,
+                           jobs=args.jobs)
     for cell, status in outcome:
         print(f"{status:8s} {cell.id}{STATUS_NOTE.get(status, '')}")
     table = lm.manifest.table
@@ -256,10 +277,40 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tiny_pretrain(args: argparse.Namespace) -> int:
+    from fishertune.pretrain import RECIPES
+    from fishertune.pretrain.loop import TINY_DIR, pretrain, write_model
+    from fishertune.runner.data import cache_dir
+
+    if args.all == bool(args.backbone):
+        raise UserError("name one tiny backbone (e.g. `fishertune tiny pretrain mae-tiny`) or give --all")
+    names = RECIPES.names() if args.all else [args.backbone]
+    out = Path(args.out) if args.out else TINY_DIR
+    for name in names:
+        cls = RECIPES.get(name, "fishertune tiny pretrain")
+        overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
+        cfg = cls.Config(**overrides)
+        recipe = cls(cfg, teacher_dir=out) if cls.needs else cls(cfg)
+        command = "fishertune " + shlex.join(args.argv)
+        trainer, record = pretrain(recipe, cache_dir(), threads=args.threads)
+        weights, card = write_model(recipe, trainer, record, out, command)
+        print(f"{name}: final loss {record['final_loss']:.4f} after {record['steps']} steps in "
+              f"{record['wall_time_s']:.0f} s; wrote {weights} and {card}")
+    return 0
+
+
+def _cmd_tiny_list(args: argparse.Namespace) -> int:
+    from fishertune.pretrain.cards import card_rows
+
+    for line in card_rows():
+        print(line)
+    return 0
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from fishertune.data import synthesize
 
-    roots = synthesize(Path(args.out), seed=args.seed, images=args.images)
+    roots = synthesize(Path(args.out), seed=args.seed, images=args.images, train_images=args.train_images)
     for name, root in roots.items():
         print(f"{name:11s} {root}")
     return 0
@@ -394,7 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "encodings, from a procedural street-scene generator.")
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
-    synth.add_argument("--images", type=int, default=12, help="images per split and data set (default: %(default)s)")
+    synth.add_argument("--images", type=int, default=12, help="images per evaluation split (Cityscapes, BDD100K and "
+                       "Mapillary val, each ACDC condition) and per unused training split (default: %(default)s)")
+    synth.add_argument("--train-images", type=int, metavar="N", help="images of each training source (GTAV, "
+                       "Cityscapes train) (default: twice --images)")
     synth.set_defaults(func=_cmd_synth)
     verify = dsub.add_parser("verify", help="check a data set tree: pairs, counts, label values, sizes",
                              description="Check a data set in its real layout: every image paired with a label, "
@@ -427,6 +481,35 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--root", required=True, help="the data set's directory")
     prepare.add_argument("--workers", type=int, help="threads converting files (default: CPU cores, at most 8)")
     prepare.set_defaults(func=_cmd_prepare)
+    tiny = sub.add_parser("tiny", help="the tiny foundation models of the miniature: make or list them")
+    tsub = tiny.add_subparsers(dest="tiny_command", required=True, metavar="ACTION")
+    tpre = tsub.add_parser(
+        "pretrain", help="pretrain a tiny foundation model with its family's objective and write it with its card",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pretrain the tiny variant of a family on the suite's pretraining world (street scenes under "
+                    "random styles, never the benchmark's images or its 19-class labels) with that family's "
+                    "objective, then write BACKBONE.safetensors (official layout, fp16) and BACKBONE.json (its card: "
+                    "recipe and settings hash, steps, losses, wall time, machine, torch, command) into "
+                    "fishertune/backbones/tiny/ (or --out).\n\n"
+                    "  clip-tiny    image-text contrast against a tiny text tower on generated captions\n"
+                    "  dinov2-tiny  self-distillation between views with an EMA teacher (DINO + iBOT)\n"
+                    "  eva02-tiny   masked prediction of CLIP-tiny's features (needs clip-tiny first)\n"
+                    "  mae-tiny     masked-patch pixel reconstruction, 75% masked\n"
+                    "  sam-tiny     class-agnostic masks from point prompts (SAM's prompt encoder and decoder)\n\n"
+                    "The first run generates the pretraining world's pool of scenes into $FISHERTUNE_CACHE.")
+    tpre.add_argument("backbone", nargs="?", help="clip-tiny, dinov2-tiny, eva02-tiny, mae-tiny or sam-tiny")
+    tpre.add_argument("--all", action="store_true", help="every tiny model, in dependency order (CLIP before EVA-02)")
+    tpre.add_argument("--out", metavar="DIR", help="write here instead of the package's fishertune/backbones/tiny/ "
+                      "(EVA-02's CLIP teacher is then read from here too)")
+    tpre.add_argument("--steps", type=int, metavar="N", help="override the recipe's steps (changes its hash: the "
+                      "shipped models use the recipes' defaults)")
+    tpre.add_argument("--batch-size", type=int, metavar="N", help="override the recipe's batch size (changes its hash)")
+    tpre.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's)")
+    tpre.set_defaults(func=_cmd_tiny_pretrain)
+    tlist = tsub.add_parser("list", help="the shipped tiny models: recipe, steps, final loss, time, whether the card "
+                            "matches today's recipe and file")
+    tlist.set_defaults(func=_cmd_tiny_list)
+
     plot = sub.add_parser(
         "plot", help="draw the figures of finished cells (PNG and PDF)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -464,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--results", default=DEFAULT_RESULTS, help="results root (default: %(default)s)")
     status.add_argument("--only", nargs="+", metavar="PATTERN", help="only cells whose id or row matches a glob")
     _subset_arg(status)
+    _seeds_arg(status)
     _tiny_arg(status)
     status.set_defaults(func=_cmd_status)
 
@@ -484,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "manifest only)")
     _cell_args(reg, "with --run: override the manifest's execution.device")
     _subset_arg(reg)
+    _seeds_arg(reg)
     _tiny_arg(reg)
     reg.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                      help="allowed change in IoU points per class (default: %(default)s)")
@@ -501,6 +586,7 @@ def one_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for what records its command
     try:
         return args.func(args)
     except UserError as e:
