@@ -34,7 +34,7 @@ from fishertune.backbones import BACKBONES
 from fishertune.data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES, PALETTE
 from fishertune.errors import UserError
 from fishertune.report.paper import PAPER_BACKBONE, paper_table
-from fishertune.report.tables import DATA_KIND, METHOD_ORDER, _route, load_table_results
+from fishertune.report.tables import DATA_KIND, METHOD_ORDER, _route, load_table_results, miniature_counts
 from fishertune.runner.store import atomic_write, iter_results
 
 __all__ = ["DEFAULT_METHODS", "colourize", "colours", "plot_results", "plot_per_class", "plot_miou_vs_params",
@@ -106,8 +106,7 @@ def _data_line(results: list[dict]) -> str:
     kind = man["data_kind"]
     if kind == "miniature":
         cfg = r["config"]["data"]
-        text = (f"MINIATURE: {DATA_KIND[kind]}, synth seed {cfg['synth_seed']}, "
-                f"{cfg['synth_images']} images per split")
+        text = f"MINIATURE: {DATA_KIND[kind]}, {miniature_counts(cfg)}"
     elif man.get("data_generated"):
         text = "GENERATED data in the real layouts (fishertune data synth), not the real data sets"
     else:

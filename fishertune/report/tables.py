@@ -22,8 +22,15 @@ from fishertune.runner.store import atomic_write_text, iter_results
 #: the paper's row order within a backbone block
 METHOD_ORDER = ("full", "freeze", "lora", "adaptformer", "vpt", "rein", "vqt", "childtune", "fishertune")
 TABLE1_TARGETS = (("cityscapes", "citys", "Citys"), ("bdd100k", "bdd", "BDD"), ("mapillary", "map", "Map"))
-DATA_KIND = {"miniature": "the generated miniature (tiny backbones, synthetic scenes; NOT comparable to the paper)",
+DATA_KIND = {"miniature": "the generated miniature (tiny foundation models pretrained by the suite, synthetic "
+                           "scenes; NOT comparable to the paper)",
              "real": "the real data sets"}
+
+
+def miniature_counts(data: dict[str, Any]) -> str:
+    """``synth seed 0, 200 source / 50 target images``: a miniature cell's ``config.data`` in words."""
+    train = data.get("synth_train_images", 2 * data["synth_images"])
+    return f"synth seed {data['synth_seed']}, {train} source / {data['synth_images']} target images per split"
 
 
 def _fmt(ours: float | None, paper: float | None, mark: str = "") -> str:
@@ -101,7 +108,7 @@ def caption(table: str, results: list[dict[str, Any]]) -> str:
     data = DATA_KIND[man["data_kind"]]
     if man["data_kind"] == "miniature":
         cfg = r["config"]["data"]
-        data += f", synth seed {cfg['synth_seed']}, {cfg['synth_images']} images per split"
+        data += f", {miniature_counts(cfg)}"
     elif man.get("data_generated"):
         data = "generated data sets in the real layouts (written by fishertune data synth; NOT the real data)"
     if man.get("tiny"):
