@@ -277,6 +277,16 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from fishertune.report.compare import compare_rows, format_rows
+
+    if not 0 < args.level < 1:
+        raise UserError(f"--level must be between 0 and 1 (e.g. 0.95), got {args.level}")
+    rows = compare_rows(args.a, args.b, args.manifest, args.level)
+    sys.stdout.write(format_rows(rows, args.a, args.b, args.level))
+    return 1 if args.fail_on_difference and any(r["difference"].significant for r in rows) else 0
+
+
 def _cmd_tiny_pretrain(args: argparse.Namespace) -> int:
     from fishertune.pretrain import RECIPES
     from fishertune.pretrain.loop import TINY_DIR, pretrain, write_model
@@ -342,6 +352,8 @@ def _cmd_regression(args: argparse.Namespace) -> int:
 
     if args.stored and len(args.manifest) > 1:
         raise UserError("--stored names one regression file; give one manifest with it")
+    if args.spread and args.action == "check":
+        raise UserError("--spread is for `regression update` (it measures the bands); `check` reads them")
     # every manifest is read (and its grid expanded) before any cell runs: a typo stops it at once
     loaded = [load_manifest(path, _overrides(args), tiny=args.tiny) for path in args.manifest]
     for lm in loaded:
@@ -349,27 +361,25 @@ def _cmd_regression(args: argparse.Namespace) -> int:
     moved_total = 0
     for lm in loaded:
         if args.run:
-            for cell, status in run_manifest(lm, args.results, only=args.only, device=args.device):
+            for cell, status in run_manifest(lm, args.results, only=args.only, device=args.device, jobs=args.jobs):
                 print(f"{status:8s} {cell.id}")
         if args.action == "check":
-            problems = regression.check(lm, args.results, args.tolerance, args.stored, only=args.only)
+            problems = regression.check(lm, args.results, args.stored, only=args.only)
             for line in problems:
                 print(line)
-            print(f"{lm.results_name}: " + (f"{len(problems)} number(s) moved by more than {args.tolerance} IoU "
-                                            "points" if problems else "no change"))
+            print(f"{lm.results_name}: " + (f"{len(problems)} statistic(s) moved beyond their bands" if problems
+                                            else "no change beyond the stored bands"))
             moved_total += len(problems)
         else:
-            path, moved = regression.update(lm, args.results, args.tolerance, args.stored, only=args.only)
+            path, moved = regression.update(lm, args.results, args.spread or [], args.stored, only=args.only)
             for line in moved:
                 print(line)
-            print(f"wrote {path}" + (f"; {len(moved)} number(s) moved by more than {args.tolerance} IoU points "
-                                     "(see git diff)" if moved else ""))
+            print(f"wrote {path}" + (f"; {len(moved)} statistic(s) moved beyond the old bands (see git diff)"
+                                     if moved else ""))
     return 1 if moved_total else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fishertune.report.regression import DEFAULT_TOLERANCE
-
     p = argparse.ArgumentParser(
         prog="fishertune",
         description="Reproduce the FisherTune (CVPR 2025) and Rein (CVPR 2024) tables: domain-generalised "
@@ -481,6 +491,20 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--root", required=True, help="the data set's directory")
     prepare.add_argument("--workers", type=int, help="threads converting files (default: CPU cores, at most 8)")
     prepare.set_defaults(func=_cmd_prepare)
+    cmp = sub.add_parser(
+        "compare", help="compare two result sets cell by cell, each difference with its interval over seeds",
+        description="Match the finished cells of A and B by manifest name, backbone and row, group their seeds, "
+                    "and give per target and for the aggregate the difference B - A of the mean mIoU with Welch's "
+                    "interval over seeds; a difference whose interval excludes 0 exceeds the noise. Run before and "
+                    "after changing a method (e.g. with --seeds 3 on both sides).")
+    cmp.add_argument("a", metavar="RESULTS_A", help="a results folder (searched recursively), e.g. results/runs")
+    cmp.add_argument("b", metavar="RESULTS_B", help="the other results folder")
+    cmp.add_argument("--manifest", metavar="NAME", help="only cells of this manifest name")
+    cmp.add_argument("--level", type=float, default=0.95, help="confidence level (default: %(default)s)")
+    cmp.add_argument("--fail-on-difference", action="store_true",
+                     help="exit 1 when a difference exceeds the noise (for scripts)")
+    cmp.set_defaults(func=_cmd_compare)
+
     tiny = sub.add_parser("tiny", help="the tiny foundation models of the miniature: make or list them")
     tsub = tiny.add_subparsers(dest="tiny_command", required=True, metavar="ACTION")
     tpre = tsub.add_parser(
@@ -552,26 +576,29 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=_cmd_status)
 
     reg = sub.add_parser(
-        "regression", help="check or update the stored per-class IoU of small manifests (CI regression)",
-        description="check: compare the finished cells of each MANIFEST with the per-class IoU stored in "
-                    "results/regression/<results name>.json (exit 1 when a number moved by more than "
-                    "--tolerance, or a cell is new or gone). update (alias write): store the finished cells' "
-                    "numbers on purpose, listing what moved; `git diff results/regression/` then shows which "
-                    "cells moved. With --run the pending cells run first. `tox -e regression` checks the four "
-                    "mini manifests; with a GPU runner, e.g. `fishertune regression update "
-                    "benchmarks/table1.yaml --subset 100 --run` stores numbers for a real-data subset.")
+        "regression", help="check or update the stored numbers of small manifests (CI regression)",
+        description="check: compare the finished cells of each MANIFEST with the numbers stored in "
+                    "results/regression/<results name>.json: per row and target the mIoU, and the per-class IoU of "
+                    "the stable classes, as means over the seeds both ran; exit 1 when one moved beyond its stored "
+                    "band, or a row is new, gone or changed. update (alias write): store the finished cells' numbers "
+                    "on purpose with what made them, listing what moved; with --spread, the bands come from how "
+                    "much the same cells move in those other environments (see fishertune/report/regression.py). "
+                    "With --run the pending cells run first. `tox -e regression` checks the mini manifests.")
     reg.add_argument("action", choices=("check", "update", "write"))
     reg.add_argument("manifest", nargs="+", help="YAML manifest(s), e.g. benchmarks/mini/table1.yaml")
     reg.add_argument("--run", action="store_true", help="run the pending cells first (finished ones are skipped)")
     reg.add_argument("--results", default=DEFAULT_RESULTS, help="results root (default: %(default)s)")
     reg.add_argument("--stored", help="regression file (default: results/regression/<results name>.json; one "
                      "manifest only)")
+    reg.add_argument("--spread", nargs="+", metavar="DIR",
+                     help="update: results roots holding the same cells run in other environments (another "
+                          "execution.threads, another torch minor version, another CPU); the bands are measured "
+                          "from them (without: from the spread over seeds)")
+    reg.add_argument("--jobs", type=int, metavar="N", help="with --run: cells at once (execution.jobs)")
     _cell_args(reg, "with --run: override the manifest's execution.device")
     _subset_arg(reg)
     _seeds_arg(reg)
     _tiny_arg(reg)
-    reg.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                     help="allowed change in IoU points per class (default: %(default)s)")
     reg.set_defaults(func=_cmd_regression)
     return p
 

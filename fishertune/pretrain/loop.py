@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -168,15 +167,9 @@ def pretrain(recipe: Recipe, cache: Path, threads: int | None = None, progress: 
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    from fishertune.runner.environment import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
 
 
 def write_model(recipe: Recipe, trainer: nn.Module, record: dict[str, Any], out: Path, command: str) -> tuple[Path, Path]:

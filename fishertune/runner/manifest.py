@@ -65,6 +65,9 @@ class TrainConfig(Strict):
     batch_size: int = Field(gt=0, description="images per iteration (Rein: 4)")
     crop_size: int = Field(gt=0, description="square training crop (Rein: 512)")
     lr: float = Field(gt=0, description="AdamW learning rate (Rein: 1e-4)")
+    backbone_lr_mult: float = Field(1.0, gt=0, le=1, description="learning-rate multiplier of the backbone's own "
+                                    "weights (those a method did not add: full fine-tuning, sparse elements); "
+                                    "Rein: 1, the head and method modules always train at lr")
     weight_decay: float = Field(ge=0, description="AdamW weight decay, none on norms/embeddings/tokens/scales")
     poly_power: float = Field(gt=0, description="poly schedule power (0.9)")
     warmup_iterations: int = Field(ge=0, description="linear warm-up iterations (Rein: 0)")
@@ -334,6 +337,15 @@ def load_manifest(path: str | Path, overrides: dict[str, Any] | None = None, tin
     return LoadedManifest(path=path, manifest=manifest, tiny=tiny)
 
 
+#: training fields added after cells were first run: left out of a cell's config at these values, so that
+#: existing cells keep their ids
+_LATER_TRAIN_FIELDS = {"precision": "fp32", "backbone_lr_mult": 1.0}
+
+
+def _at_default(train: TrainConfig) -> set[str]:
+    return {k for k, v in _LATER_TRAIN_FIELDS.items() if getattr(train, k) == v}
+
+
 def extend_seeds(seeds: list, n: int) -> list:
     """The first ``n`` of ``seeds`` continued by consecutive integers after their largest
     (``[42], 3 -> [42, 43, 44]``; ``[42, 43, 44], 1 -> [42]``)."""
@@ -406,8 +418,7 @@ class LoadedManifest:
                         "aggregate": m.aggregate,
                         "seed": seed,
                         # a field added later is left out at its default, so that existing cells keep their ids
-                        "train": m.train.model_dump(mode="json",
-                                                    exclude={"precision"} if m.train.precision == "fp32" else None),
+                        "train": m.train.model_dump(mode="json", exclude=_at_default(m.train)),
                         "eval": {**m.eval.model_dump(mode="json"),
                                  "test_sizes": {t: m.eval.test_sizes[t] for t in m.targets}},
                         "data": {"kind": m.data.kind}

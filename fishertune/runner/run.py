@@ -154,7 +154,7 @@ def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torc
                   lr=m.train.lr, weight_decay=m.train.weight_decay, poly_power=m.train.poly_power,
                   warmup=m.train.warmup_iterations, seed=cell.seed, device=device, num_workers=ex.num_workers,
                   log_every=ex.log_every, desc=f"train {cell.backbone}/{cell.row}", precision=m.train.precision,
-                  compile=ex.compile, checkpoint=checkpoint)
+                  compile=ex.compile, checkpoint=checkpoint, backbone_lr_mult=m.train.backbone_lr_mult)
     if world()[0] != 0:
         return None
     per_target, predictions = {}, {}
