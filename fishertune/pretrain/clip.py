@@ -60,7 +60,7 @@ class Tokenizer:
 
 
 class CLIPConfig(RecipeConfig):
-    steps: int = Field(1500, gt=0, description="optimiser steps")
+    steps: int = Field(1200, gt=0, description="optimiser steps")
     batch_size: int = Field(96, gt=0, description="image-caption pairs per step (the contrastive batch)")
     lr: float = Field(1.0e-3, gt=0, description="peak learning rate")
     betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas (CLIP: 0.9, 0.98)")

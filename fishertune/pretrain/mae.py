@@ -14,7 +14,7 @@ As MAE's ``main_pretrain.py`` / ``models_mae.py``, scaled to the miniature:
   ``norm_pix_loss=True``).
 
 Simplifications: 64 px crops of the pretraining world (8x8 patches of 8 px) instead of 224 px ImageNet
-images; 3,000 steps of 128 crops instead of 800 epochs; the pixel decoder, its position table and the
+images; 2,000 steps of 64 crops instead of 800 epochs of ImageNet; the pixel decoder, its position table and the
 mask token are dropped afterwards (the official file keeps them; the ``mae`` loader drops
 ``decoder_*`` and ``mask_token`` by name: this file carries the encoder only).
 """
@@ -47,8 +47,8 @@ def sincos_2d(dim: int, grid: int, cls_token: bool) -> torch.Tensor:
 
 
 class MAEConfig(RecipeConfig):
-    steps: int = Field(3000, gt=0, description="optimiser steps")
-    batch_size: int = Field(128, gt=0, description="crops per step")
+    steps: int = Field(2000, gt=0, description="optimiser steps")
+    batch_size: int = Field(64, gt=0, description="crops per step")
     lr: float = Field(1.5e-3, gt=0, description="peak learning rate (MAE: 1.5e-4 x batch / 256 at batch 4096)")
     mask_ratio: float = Field(0.75, gt=0, lt=1, description="share of patches masked per image (MAE: 0.75)")
     decoder_width: int = Field(64, gt=0, description="width of the pixel decoder")

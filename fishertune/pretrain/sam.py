@@ -35,7 +35,7 @@ from fishertune.pretrain.world import WorldPool, colour_jitter, random_resized_c
 
 
 class SAMConfig(RecipeConfig):
-    steps: int = Field(1500, gt=0, description="optimiser steps")
+    steps: int = Field(1200, gt=0, description="optimiser steps")
     batch_size: int = Field(32, gt=0, description="scenes per step")
     lr: float = Field(1.0e-3, gt=0, description="peak learning rate")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (SAM: 0.9, 0.999)")

@@ -69,7 +69,7 @@ class WorldConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     seed: int = Field(0, description="world seed (scenes are disjoint from the benchmark's for any seed)")
-    size: int = Field(3000, gt=0, description="scenes in the pool")
+    size: int = Field(6000, gt=0, description="scenes in the pool")
 
 
 @dataclass
