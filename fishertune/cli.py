@@ -255,7 +255,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
                             f"for); got {args.table!r}")
         paths = render_table1_paper(args.out)
     else:
-        paths = RENDERERS[args.table](args.results, args.out, args.manifest)
+        paths = RENDERERS[args.table](args.results, args.out, args.manifest,
+                                      reference=None if args.reference == "none" else args.reference)
     for path in paths:
         print(f"wrote {path}")
     return 0
@@ -426,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--manifest", help="use only results of this manifest name")
     render.add_argument("--out", help="output directory (default: results/tables, or results/tables/mini "
                         "for the miniature)")
+    render.add_argument("--reference", default="full", metavar="ROW",
+                        help="the row each backbone's other rows are compared with in the last column (difference of "
+                             "Avg with its 95%% Welch interval over seeds; table1, ablation, estimation); 'none' for no "
+                             "column (default: %(default)s)")
     render.add_argument("--paper-only", action="store_true", help="table1 without any run: the paper's numbers "
                         "and our measured parameter counts, written as table1-paper.md/.tex")
     render.set_defaults(func=_cmd_render)
