@@ -24,8 +24,11 @@ DEFAULT_RESULTS = "results/runs"
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    """Manifest fields set on the command line (--subset, --seeds)."""
+    """Manifest fields set on the command line (--subset, --seeds, --threads, --jobs)."""
     out: dict = {}
+    execution = {k: getattr(args, k) for k in ("threads", "jobs") if getattr(args, k, None) is not None}
+    if execution:
+        out["execution"] = execution
     if getattr(args, "subset", None) is not None:
         out["data"] = {"subset": args.subset}
     if getattr(args, "seeds", None) is not None:
@@ -61,10 +64,7 @@ def _sweep_args(parser: argparse.ArgumentParser, example: str,
     _subset_arg(parser)
     _seeds_arg(parser)
     _tiny_arg(parser)
-    parser.add_argument("--jobs", type=int, metavar="N",
-                        help="with the local executor: run N cells at once, each in its own process with the "
-                             "manifest's execution.threads threads (overrides execution.jobs; the mini protocol runs "
-                             "2 of 1 thread on 2 cores); a cell's numbers do not depend on it")
+    _execution_args(parser)
     parser.add_argument("--retry-failed", action="store_true",
                         help="run cells whose result says failed (a non-finite loss) again; by default they are "
                              "kept and skipped, as rerunning the same config fails the same way")
@@ -75,6 +75,16 @@ def _cell_args(parser: argparse.ArgumentParser, device_help: str = "override the
     """--only and --device, as every command that runs cells takes them."""
     parser.add_argument("--only", nargs="+", metavar="PATTERN", help="only cells whose id or row matches a glob")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help=device_help)
+
+
+def _execution_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="with the local executor: run N cells at once, each in its own process with "
+                             "execution.threads threads (overrides execution.jobs; the mini protocol runs 2 of 1 "
+                             "thread on 2 cores); a cell's numbers do not depend on it")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads per cell (overrides execution.threads; not part of a cell's id: the same "
+                             "cell with other threads differs in the last bits, see results/perf/mini-signal.md)")
 
 
 def _seeds_arg(parser: argparse.ArgumentParser) -> None:
@@ -172,8 +182,7 @@ def _run_here(args: argparse.Namespace, lm, render: bool = True) -> int:
     from fishertune.report.tables import RENDERERS
     from fishertune.runner.run import run_manifest
 
-    outcome = run_manifest(lm, args.results, only=args.only, device=args.device, retry_failed=args.retry_failed,
-                           jobs=args.jobs)
+    outcome = run_manifest(lm, args.results, only=args.only, device=args.device, retry_failed=args.retry_failed)
     for cell, status in outcome:
         print(f"{status:8s} {cell.id}{STATUS_NOTE.get(status, '')}")
     table = lm.manifest.table
@@ -362,7 +371,7 @@ def _cmd_regression(args: argparse.Namespace) -> int:
     moved_total = 0
     for lm in loaded:
         if args.run:
-            for cell, status in run_manifest(lm, args.results, only=args.only, device=args.device, jobs=args.jobs):
+            for cell, status in run_manifest(lm, args.results, only=args.only, device=args.device):
                 print(f"{status:8s} {cell.id}")
         if args.action == "check":
             problems = regression.check(lm, args.results, args.stored, only=args.only)
@@ -599,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="update: results roots holding the same cells run in other environments (another "
                           "execution.threads, another torch minor version, another CPU); the bands are measured "
                           "from them (without: from the spread over seeds)")
-    reg.add_argument("--jobs", type=int, metavar="N", help="with --run: cells at once (execution.jobs)")
+    _execution_args(reg)
     _cell_args(reg, "with --run: override the manifest's execution.device")
     _subset_arg(reg)
     _seeds_arg(reg)

@@ -412,7 +412,7 @@ def test_on_a_tiny_segmentor():
     from fishertune.segmentor import Segmentor
 
     torch.manual_seed(0)
-    seg = Segmentor(build_backbone("dinov2-tiny", seed=0), build_head("light", 64, 19, channels=32))
+    seg = Segmentor(build_backbone("dinov2-tiny", pretrained=False, seed=0), build_head("light", 64, 19, channels=32))
     seg.train()
     params = block_parameters(seg.backbone)
     before = {n: p.detach().clone() for n, p in params.items()}

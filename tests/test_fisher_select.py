@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny passes (conftest
 
 @pytest.fixture(scope="module")
 def backbones():
-    return {f: build_backbone(f"{f}-tiny", seed=0) for f in FAMILIES}
+    return {f: build_backbone(f"{f}-tiny", pretrained=False, seed=0) for f in FAMILIES}
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -19,7 +19,7 @@ CTX = MethodContext(device=torch.device("cpu"), seed=0)
 
 def _segmentor(name: str, head: str = "mask2former-tiny") -> Segmentor:
     torch.manual_seed(0)
-    bb = build_backbone(name, seed=0)
+    bb = build_backbone(name, pretrained=False, seed=0)
     kwargs = {"channels": 32} if head == "light" else {}
     return Segmentor(bb, build_head(head, bb.embed_dim, 19, **kwargs)).eval()
 
@@ -85,7 +85,7 @@ def _sam_sequence_block(bb):
 def test_sam_prompts_are_the_keys_and_values_of_inserted_tokens():
     # on a 1 x L token row SAM's block is a plain sequence block, so inserting prompts is possible there
     # and must give the patch tokens what forward_extended gives them with prompts as keys/values only
-    bb = build_backbone("sam-tiny", seed=0).eval()
+    bb = build_backbone("sam-tiny", pretrained=False, seed=0).eval()
     blk = _sam_sequence_block(bb)
     x, prompts = torch.randn(2, 1, 16, 64), torch.randn(2, 5, 64)
     with torch.no_grad():
@@ -95,7 +95,7 @@ def test_sam_prompts_are_the_keys_and_values_of_inserted_tokens():
 
 
 def test_sam_queries_read_every_token_and_change_none():
-    bb = build_backbone("sam-tiny", seed=0).eval()
+    bb = build_backbone("sam-tiny", pretrained=False, seed=0).eval()
     blk = _sam_sequence_block(bb)
     x, queries = torch.randn(2, 1, 16, 64), torch.randn(2, 3, 64)
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_sam_queries_read_every_token_and_change_none():
 
 def test_sam_extended_path_without_extra_tokens_equals_segment_anything():
     # the SDPA path with SAM's decomposed bias as mask, on windowed and global blocks (padding 8 -> 9)
-    bb = build_backbone("sam-tiny", seed=0).eval()
+    bb = build_backbone("sam-tiny", pretrained=False, seed=0).eval()
     x = torch.randn(2, 8, 8, 64)
     with torch.no_grad():
         for blk in bb.blocks:
