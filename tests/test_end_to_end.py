@@ -182,7 +182,7 @@ def test_the_mask2former_head_trains_and_evaluates_through_the_runner(tmp_path, 
     (path,) = (tmp_path / "runs" / "m2f").glob("*.json")
     r = json.loads(path.read_text())
     assert r["config"]["head"]["name"] == "mask2former-tiny"
-    head = build_head("mask2former-tiny", 64, 19, **r["config"]["head"]["config"])  # the protocol's small one
+    head = build_head("mask2former-tiny", 128, 19, **r["config"]["head"]["config"])  # the protocol's small one
     assert r["params"]["head_trainable"] == sum(p.numel() for p in head.parameters())
     losses = [loss for _, loss in r["train"]["losses"]]
     assert len(losses) == 6 and losses[-1] < 0.85 * losses[0]  # measured 0.71: its matched-mask losses fall

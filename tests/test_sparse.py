@@ -208,7 +208,7 @@ def test_block_parameters_are_named_as_in_the_segmentor():
     from fishertune.segmentor import Segmentor
 
     for name in ("dinov2-tiny", "clip-tiny"):
-        seg = Segmentor(build_backbone(name, pretrained=False, seed=0), build_head("light", 64, 19, channels=32))
+        seg = Segmentor(build_backbone(name, pretrained=False, seed=0), build_head("light", 128, 19, channels=32))
         params = block_parameters(seg.backbone)
         named = dict(seg.named_parameters())
         assert params and all(named[n] is p for n, p in params.items())
