@@ -362,8 +362,9 @@ def _cmd_regression(args: argparse.Namespace) -> int:
 
     if args.stored and len(args.manifest) > 1:
         raise UserError("--stored names one regression file; give one manifest with it")
-    if args.spread and args.action == "check":
-        raise UserError("--spread is for `regression update` (it measures the bands); `check` reads them")
+    if (args.spread or args.bands_from) and args.action == "check":
+        raise UserError("--spread and --bands-from are for `regression update` (they give the bands); `check` reads "
+                        "them from the stored file")
     # every manifest is read (and its grid expanded) before any cell runs: a typo stops it at once
     loaded = [load_manifest(path, _overrides(args), tiny=args.tiny) for path in args.manifest]
     for lm in loaded:
@@ -381,7 +382,8 @@ def _cmd_regression(args: argparse.Namespace) -> int:
                                             else "no change beyond the stored bands"))
             moved_total += len(problems)
         else:
-            path, moved = regression.update(lm, args.results, args.spread or [], args.stored, only=args.only)
+            path, moved = regression.update(lm, args.results, args.spread or [], args.stored, only=args.only,
+                                            bands_from=args.bands_from)
             for line in moved:
                 print(line)
             print(f"wrote {path}" + (f"; {len(moved)} statistic(s) moved beyond the old bands (see git diff)"
@@ -608,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="update: results roots holding the same cells run in other environments (another "
                           "execution.threads, another torch minor version, another CPU); the bands are measured "
                           "from them (without: from the spread over seeds)")
+    reg.add_argument("--bands-from", metavar="FILE",
+                     help="update: for statistics without a measured spread, the pooled spread of another "
+                          "manifest's stored numbers of the same protocol, e.g. results/regression/mini-table1.json")
     _execution_args(reg)
     _cell_args(reg, "with --run: override the manifest's execution.device")
     _subset_arg(reg)
