@@ -21,6 +21,8 @@ counts) is written last, and a call whose marker matches returns at once.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -43,6 +45,7 @@ VERSION = 1
 DATASETS = ("gtav", "cityscapes", "bdd100k", "mapillary", "acdc")
 MARKER = "SYNTH.json"
 REPLACING = ".synth-replacing"  # present while data sets are being swapped into place
+LOCK = ".synth.lock"  # held (flock) by the process writing the tree
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 MAPILLARY_SIZES = ((320, 240), (320, 180), (288, 216), (300, 200), (256, 192), (192, 256), (240, 320))
 FIXED_SIZES = {"gtav": (192, 106), "cityscapes": (256, 128), "bdd100k": (256, 144), "acdc": (240, 135)}
@@ -250,7 +253,9 @@ def synthesize(out: Path, seed: int = 0, images: int = 12, progress: bool = True
     """Write the miniature under ``out`` and return the root of each data set by name.
 
     Returns at once if ``out/SYNTH.json`` records the same seed, images and version. Refuses (with
-    a :class:`UserError`) to replace data set folders in ``out`` that it did not write.
+    a :class:`UserError`) to replace data set folders in ``out`` that it did not write. Writing happens
+    under an exclusive lock on ``out/.synth.lock``: a second process asking for the same tree meanwhile
+    waits and then returns the first one's.
     """
     if images < 1:
         raise UserError(f"--images must be at least 1, got {images}")
@@ -261,6 +266,28 @@ def synthesize(out: Path, seed: int = 0, images: int = 12, progress: bool = True
     if _marker(marker) == params and all(root.is_dir() for root in roots.values()):
         return roots
     out.mkdir(parents=True, exist_ok=True)
+    with _generation_lock(out):  # a second process waits, then finds the first one's tree complete
+        if _marker(marker) == params and all(root.is_dir() for root in roots.values()):
+            return roots
+        _generate(out, roots, params, seed, images, progress)
+    return roots
+
+
+@contextlib.contextmanager
+def _generation_lock(out: Path):
+    """An exclusive ``flock`` on ``out/.synth.lock`` while the tree is written (dropped by the kernel when its
+    holder dies), so that two processes never replace folders the other is writing or already reading."""
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _generate(out: Path, roots: dict[str, Path], params: dict, seed: int, images: int, progress: bool) -> None:
+    """Write the tree under ``out/.tmp-<pid>/`` and rename it into place (see :func:`synthesize`)."""
+    marker = out / MARKER
     ours = marker.exists() or (out / REPLACING).exists()
     foreign = [name for name, root in roots.items() if root.exists()] if not ours else []
     if foreign:
@@ -284,7 +311,6 @@ def synthesize(out: Path, seed: int = 0, images: int = 12, progress: bool = True
         (out / REPLACING).unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return roots
 
 
 def _marker(path: Path) -> dict | None:
