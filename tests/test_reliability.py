@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,7 +164,9 @@ def test_status_names_running_and_pending_cells_with_their_checkpoints(tmp_path,
     store = ResultStore(tmp_path, lm.results_name)
     lock = CellLock(store.lock_path(full.id))
     assert lock.acquire()
-    Checkpoint(store.checkpoint_path(freeze.id), 1).save({"iteration": 4, "model": {"w": torch.zeros(2)}})
+    Checkpoint(store.checkpoint_path(freeze.id), 1).save({
+        "iteration": 4, "model": {"w": torch.zeros(2)}, "optimizer": {}, "scheduler": {}, "losses": [],
+        "last_finite": None, "window": torch.zeros(1), "seconds": 1.0, "rng": []})
     try:
         assert main(["status", str(manifest), "--results", str(tmp_path)]) == 0
     finally:
@@ -193,3 +196,37 @@ def test_a_damaged_or_code_carrying_checkpoint_is_refused_in_one_line(tmp_path, 
         Checkpoint(path, 1).load()
     assert "\n" not in str(e.value) and "delete it" in str(e.value)
     assert not (tmp_path / "owned").exists()  # no code ran
+
+
+def test_a_result_that_cannot_be_written_leaves_no_predictions_behind(tmp_path, mini_manifest, monkeypatch):
+    import fishertune.runner.run as run_module
+    from fishertune.errors import UserError
+
+    lm = load_manifest(mini_manifest("pred", "methods: [freeze]\n"))
+    store = ResultStore(tmp_path, lm.results_name)
+
+    def evaluated(lm, cell, source, targets, dev, result_path, checkpoint):  # as run_cell: predictions first
+        run_module.save_predictions(result_path, "cityscapes", type("D", (), {
+            "pairs": [("i.png", "l.png")], "name": "cityscapes", "root": "r", "split": "val"})(),
+                                    [(0, np.zeros((4, 4), np.uint8))])
+        assert store.predictions_dir(cell.id).is_dir()
+        return {"status": "done"}
+
+    def full_disk(self, cell_id, result):
+        raise UserError(f"cannot write {self.path(cell_id)} (No space left on device)")
+
+    monkeypatch.setattr(run_module, "open_datasets", lambda m, progress: ([], {}))
+    monkeypatch.setattr(run_module, "run_cell", evaluated)
+    monkeypatch.setattr(ResultStore, "write", full_disk)
+    with pytest.raises(UserError, match="No space left"):
+        run_manifest(lm, str(tmp_path), progress=False)
+    (cell,) = lm.cells()
+    assert not store.predictions_dir(cell.id).exists() and not store.path(cell.id).exists()
+
+
+def test_status_piped_into_head_stops_quietly(tmp_path, mini_manifest):
+    manifest = mini_manifest("pipe", "methods: [full, freeze]\n")
+    child = _cli(["status", str(manifest), "--results", str(tmp_path)], cwd=tmp_path)
+    child.stdout.close()  # the reader is gone (as `| head -1` once it has its line) before a word is written
+    err = child.stderr.read()
+    assert child.wait(60) == 141 and err == "", err  # as a program stopped by SIGPIPE; no traceback, no message
