@@ -153,7 +153,7 @@ def prepare_dataset(name: str, root: str | Path, workers: int | None = None, pro
     steps: dict[str, Callable[..., PrepareReport]] = {
         "gtav": prepare_gtav, "cityscapes": prepare_cityscapes, "mapillary": prepare_mapillary}
     prepare = steps.get(name, functools.partial(check_only, name))
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     return prepare(Path(root), workers, progress and enabled()).finish()
