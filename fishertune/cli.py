@@ -43,7 +43,8 @@ def _tiny_arg(parser: argparse.ArgumentParser) -> None:
                              "checkpoint needed) with the miniature protocol of benchmarks/mini/protocol.yaml, "
                              "reading the manifest's data: checks the whole pipeline in minutes on a CPU, e.g. "
                              "on a miniature written by `fishertune data synth --out $FISHERTUNE_DATA`; results go "
-                             "to RESULTS/<manifest name>-tiny/, tables to results/tables/<manifest name>-tiny/ and say TINY")
+                             "to RESULTS/<manifest name>-tiny/, tables to results/tables/<manifest name>-tiny/ and "
+                             "say TINY")
 
 
 def _sweep_args(parser: argparse.ArgumentParser, example: str,

@@ -35,10 +35,11 @@ temporary files of runs that are no longer alive are removed when the next run s
 Checks: every split's listing (missing folders, images without label, labels without image). Each
 pair that is converted is checked as ``verify`` checks it first (readable image and label, label
 values the data set defines, e.g. Mapillary ids inside its 66); a pair with a problem gets no
-output, so a rerun reports it again until it is fixed (and a copy it had is not recorded, so the readers
-use the release's files, where ``verify`` finds the problem). A label whose size differs from its image is *noted* and converted as it is (Rein converts it
-too, and its fixed-size training ``Resize`` then stretches image and label to the same size
-without a word); prepare does not alter data.
+output, so a rerun reports it again until it is fixed (and a copy it had is not recorded, so the
+readers use the release's files, where ``verify`` finds the problem). A label whose size differs from
+its image is *noted* and converted as it is (Rein converts it too, and its fixed-size training
+``Resize`` then stretches image and label to the same size without a word); prepare does not alter
+data.
 """
 
 from __future__ import annotations

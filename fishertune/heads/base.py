@@ -38,7 +38,8 @@ def check_head(name: str, cfg: dict, where: str = "") -> type[DecodeHead]:
     (on the meta device: no memory) is a one-line user error."""
     cls = HEADS.get(name, where)
     at = f"{where}: " if where else ""
-    params = {k: p for k, p in inspect.signature(cls, eval_str=True).parameters.items() if k not in ("in_channels", "num_classes")}
+    params = {k: p for k, p in inspect.signature(cls, eval_str=True).parameters.items()
+              if k not in ("in_channels", "num_classes")}
     unknown = sorted(set(cfg) - set(params))
     if unknown:
         raise UserError(f"{at}head {name!r} has no option {unknown[0]!r}; its options are: {', '.join(params)}")
