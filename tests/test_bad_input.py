@@ -414,6 +414,7 @@ CASES = [
     ("damaged Fisher estimate", lambda c: c.fisher("fim", _damaged_estimate), "a damaged Fisher estimate"),
     ("result that is {}", lambda c: _result(c, "{}"), "not a valid result file (status None"),
     ("result that is []", lambda c: _result(c, "[]", "status"), "not a valid result file (a JSON list"),
+    ("result that is {}, to reproduce", lambda c: _result(c, "{}", "reproduce"), "not a valid result file"),
     ("result without numbers", lambda c: _result(c, '{"status": "done", "cell_id": "x"}', "status"),
      "not a valid result file (no 'manifest')"),
     ("result of another cell", lambda c: _result(c, '{"status": "failed", "cell_id": "other", "manifest": {}, '

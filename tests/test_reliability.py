@@ -118,6 +118,40 @@ time.sleep(60)
     assert not path.exists()
 
 
+def test_the_last_lock_released_takes_its_folder_along_and_takers_racing_it_still_exclude_each_other(tmp_path):
+    import threading
+
+    folder = tmp_path / "locks"
+    first, second = CellLock(folder / "a.lock"), CellLock(folder / "b.lock")
+    assert first.acquire() and second.acquire()
+    second.release()
+    assert folder.is_dir()  # another lock is still held there
+    first.release()
+    assert not folder.exists()  # nothing left behind, e.g. by a run a later check refused
+    holders, errors = [], []
+
+    def contend(k: int) -> None:  # takers and releasers of locks in one folder, all at once
+        try:
+            for i in range(150):
+                lock = CellLock(folder / f"{i % 3}.lock")
+                if lock.acquire():
+                    holders.append((i % 3, k, "in"))
+                    holders.append((i % 3, k, "out"))
+                    lock.release()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=contend, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and holders and not folder.exists()
+    for key in range(3):  # per lock: every holder in and out before the next one comes in
+        events = [(k, what) for name, k, what in holders if name == key]
+        assert all(a[1] == "in" and b == (a[0], "out") for a, b in zip(events[::2], events[1::2])), events
+
+
 def test_a_non_finite_loss_fails_its_cell_and_the_sweep_goes_on(tmp_path, mini_manifest, monkeypatch, capsys):
     from fishertune.segmentor import Segmentor
 

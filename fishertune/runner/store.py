@@ -78,8 +78,9 @@ class ResultStore:
         return self.dir / "checkpoints" / f"{cell_id}.pt"
 
     def done(self, cell_id: str) -> bool:
-        """A result exists: the cell finished (``done``) or stopped for good (``failed``)."""
-        return self.path(cell_id).is_file()
+        """A result exists: the cell finished (``done``) or stopped for good (``failed``); a file that is not
+        a whole result is a :class:`UserError` (:func:`read_result`), never taken for one."""
+        return self.read(cell_id) is not None
 
     def read(self, cell_id: str) -> dict[str, Any] | None:
         """The cell's result (checked: :func:`read_result`), or None when it has none."""
