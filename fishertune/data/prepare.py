@@ -15,7 +15,8 @@ What each data set gets (DESIGN section 4; Rein's ``tools/convert_datasets/`` an
   ``mapillary2cityscape.py --train_id``; and the halved validation set ``half/val_img/<key>.jpg``
   (bicubic; JPEG at quality 75, Pillow's default that Rein's plain ``save`` uses) and
   ``half/val_label/<key>.png`` (nearest), as ``mapillary_resize.py``. The folder names are those
-  of Rein's README, so a tree prepared by Rein's tools is recognised (and refreshed where older).
+  of Rein's README; copies made by Rein's tools have no record of their sources, so ``prepare``
+  makes them again before the readers use them.
 - ``bdd100k``, ``acdc``: nothing to convert; every pair is checked as ``fishertune data verify``
   checks it (pair counts are left to ``verify``).
 
