@@ -42,11 +42,12 @@ class Case:
         self.tmp, self.synth, self.images = tmp, synth, images
         self.results = tmp / "results"
 
-    def manifest(self, extra: str = "", replace: tuple[str, str] | None = None, text: str | None = None) -> str:
+    def manifest(self, extra: str = "", replace: tuple[str, str] | list[tuple[str, str]] | None = None,
+                 text: str | None = None) -> str:
         body = text if text is not None else GOOD.format(protocol=PROTOCOL, root=self.synth, images=self.images)
-        if replace:
-            assert replace[0] in body, replace
-            body = body.replace(*replace)
+        for old, new in [replace] if isinstance(replace, tuple) else replace or []:
+            assert old in body, old
+            body = body.replace(old, new)
         path = self.tmp / "m.yaml"
         path.write_text(body + extra)
         return str(path)
@@ -340,6 +341,11 @@ CASES = [
                                                                              "of dinov2-tiny's patch size 8"),
     ("window not a multiple of the patch", lambda c: c.run(c.manifest("eval: {crop_size: 60, stride: 40}\n")),
      "eval.crop_size: 60 is not a multiple"),
+    ("window of one patch", lambda c: c.run(c.manifest("eval: {crop_size: 8, stride: 8}\n")),
+     "eval.crop_size: 8 is not a multiple of dinov2-tiny's patch size 8 of at least two patches"),
+    ("crop too small to build", lambda c: c.run(c.manifest(replace=[("[dinov2-tiny]", "[sam-tiny]"),
+                                                                    ("iterations: 2", "iterations: 2, crop_size: 4")])),
+     "sam-tiny cannot be built for 4x4 crops"),
     ("stride larger than the window", lambda c: c.run(c.manifest("eval: {stride: 65}\n")),
      "stride: 65 is larger than crop_size 64"),
     ("zero test size", lambda c: c.run(c.manifest("eval: {test_sizes: {cityscapes: [0, 64]}}\n")),

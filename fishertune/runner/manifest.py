@@ -399,14 +399,19 @@ def results_name(name: str, tiny: bool = False, subset: int | None = None, any_c
             + ("-anycount" if any_count else ""))
 
 
-def _patch_size(backbone: str, crop: int) -> int:
+def _patch_size(backbone: str, crop: int, where: str) -> int:
     """The patch size of ``backbone`` built for ``crop`` (on the meta device: no weights, no memory)."""
     import torch
 
     from fishertune.backbones import BACKBONES
 
-    with torch.device("meta"):
-        return int(BACKBONES.get(backbone).fn(img_size=crop).patch_size)
+    try:
+        with torch.device("meta"):
+            return int(BACKBONES.get(backbone).fn(img_size=crop).patch_size)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise UserError(f"{where}: train.crop_size: {backbone} cannot be built for {crop}x{crop} crops "
+                        f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); use a larger "
+                        "crop") from None
 
 
 @dataclass(frozen=True)
@@ -435,11 +440,11 @@ class LoadedManifest:
         seen = set()
         for backbone in m.backbones:
             BACKBONES.get(backbone, f"{self.path}: backbones")
-            patch = _patch_size(backbone, m.train.crop_size)
+            patch = _patch_size(backbone, m.train.crop_size, str(self.path))
             for field, crop in (("train.crop_size", m.train.crop_size), ("eval.crop_size", m.eval.crop_size)):
-                if crop % patch:
+                if crop % patch or crop < 2 * patch:  # the features' coarsest level is half the patch grid
                     raise UserError(f"{self.path}: {field}: {crop} is not a multiple of {backbone}'s patch size "
-                                    f"{patch}; use e.g. {max(patch, crop // patch * patch)}")
+                                    f"{patch} of at least two patches; use e.g. {max(2 * patch, crop // patch * patch)}")
             for entry in m.method_entries():
                 where = f"{self.path}: methods: {entry.row}"
                 delta = {**m.method_configs.get(entry.name, {}), **entry.config}
