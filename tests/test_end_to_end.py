@@ -219,9 +219,9 @@ def test_tiny_override_runs_the_real_manifest_on_a_miniature_in_fishertune_data(
     ref = json.loads((results / lm.manifest.name / f"{mini.id}.json").read_text())
     for target in ref["targets"]:
         assert tiny["targets"][target]["per_class_iou"] == ref["targets"][target]["per_class_iou"]
-    md = (tmp_path / "results" / "tables" / "tiny" / "table1.md").read_text()
+    md = (tmp_path / "results" / "tables" / "table1-tiny" / "table1.md").read_text()
     assert "TINY OVERRIDE" in md and "NOT the real data" in md and "Manifest table1 v1" in md
-    assert not (tmp_path / "results" / "tables" / "table1.md").exists()  # never where a real table goes
+    assert not (tmp_path / "results" / "tables" / "table1").exists()  # never where a real table goes
 
 
 def test_regression_update_says_what_moved_and_keeps_the_rows_not_selected(mini_run, tmp_path, capsys):
