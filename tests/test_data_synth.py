@@ -214,7 +214,8 @@ def test_two_writers_of_one_empty_folder_generate_it_once_and_never_replace_it(t
 
     monkeypatch.setattr(synth_module, "write_item", slow)
     out, results = tmp_path / "cache", {}
-    threads = [threading.Thread(target=lambda k=k: results.setdefault(k, synthesize(out, images=1, progress=False)))
+    threads = [threading.Thread(target=lambda k=k: results.setdefault(k, synthesize(out, images=1, progress=False,
+                                                                                    workers=1)))
                for k in range(2)]
     threads[0].start()
     assert started.wait(10)

@@ -66,7 +66,8 @@ def _result(root, manifest, backbone, row, seed, values):
     folder = root / manifest
     folder.mkdir(parents=True, exist_ok=True)
     r = {"status": "done", "manifest": {"name": manifest}, "backbone": backbone, "row": row, "seed": seed,
-         "targets": {t: {"miou": v} for t, v in values.items()},
+         "cell_id": f"{backbone}--{row}--{seed}", "method": row, "config": {"seed": seed}, "params": {},
+         "targets": {t: {"miou": v, "per_class_iou": {}} for t, v in values.items()},
          "aggregate": {"miou": sum(values.values()) / len(values)}}
     (folder / f"{backbone}--{row}--{seed}.json").write_text(json.dumps(r))
 

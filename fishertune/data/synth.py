@@ -266,8 +266,9 @@ def synthesize(out: Path, seed: int = 0, images: int = 12, progress: bool = True
     waits and then returns the first one's.
     """
     train_images = 2 * images if train_images is None else train_images
-    if images < 1 or train_images < 1:
-        raise UserError(f"--images and --train-images must be at least 1, got {images} and {train_images}")
+    for flag, value in (("--images", images), ("--train-images", train_images)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     out = Path(out)
     roots = {name: out / name for name in DATASETS}
     params = {"seed": seed, "images": images, "train_images": train_images, "version": VERSION}
@@ -278,7 +279,7 @@ def synthesize(out: Path, seed: int = 0, images: int = 12, progress: bool = True
     with _generation_lock(out):  # a second process waits, then finds the first one's tree complete
         if _marker(marker) == params and all(root.is_dir() for root in roots.values()):
             return roots
-        _generate(out, roots, params, seed, images, progress)
+        _generate(out, roots, params, progress, workers or min(os.cpu_count() or 1, 4))
     return roots
 
 
@@ -294,7 +295,7 @@ def _generation_lock(out: Path):
         os.close(fd)  # releases the lock
 
 
-def _generate(out: Path, roots: dict[str, Path], params: dict, seed: int, images: int, progress: bool) -> None:
+def _generate(out: Path, roots: dict[str, Path], params: dict, progress: bool, workers: int) -> None:
     """Write the tree under ``out/.tmp-<pid>/`` and rename it into place (see :func:`synthesize`)."""
     marker = out / MARKER
     ours = marker.exists() or (out / REPLACING).exists()
@@ -305,9 +306,10 @@ def _generate(out: Path, roots: dict[str, Path], params: dict, seed: int, images
     _remove_stale_tmp(out)
     tmp = out / f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    items = plan(seed, images, train_images)
+    seed = params["seed"]
+    items = plan(seed, params["images"], params["train_images"])
     try:
-        _write_items(tmp, seed, items, progress, workers or min(os.cpu_count() or 1, 4))
+        _write_items(tmp, seed, items, progress, workers)
         (tmp / "mapillary" / "config_v1.2.json").write_text(json.dumps(mapillary_v12_config(), indent=2) + "\n")
         (out / REPLACING).write_text(json.dumps(params) + "\n")
         marker.unlink(missing_ok=True)

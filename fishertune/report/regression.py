@@ -237,6 +237,8 @@ def update(lm: LoadedManifest, results: str | Path, spreads: list[str | Path] = 
             if only:
                 grid = {f"{c.backbone}--{c.row}" for c in lm.cells()}
                 new["rows"] = {**{k: v for k, v in old["rows"].items() if k in grid}, **new["rows"]}
+                if "bands_from" in old and "bands_from" not in new:  # the rows kept keep their lent bands
+                    new["bands_from"] = old["bands_from"]
     atomic_write_text(path, json.dumps(new, indent=1, sort_keys=True) + "\n")
     return path, moved
 
