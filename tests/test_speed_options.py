@@ -1,8 +1,15 @@
 """Issue 9's training options: bf16 autocast reaches the forward pass (and only where asked), and
 ``execution.compile`` puts the loss module through torch.compile; neither is in a cell's id at its default."""
 
+import json
+import traceback
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fishertune.backbones import build_backbone
 from fishertune.data import TrainTransform
@@ -10,9 +17,10 @@ from fishertune.engine import train as train_mod
 from fishertune.heads import build_head
 from fishertune.runner.manifest import load_manifest
 from fishertune.segmentor import Segmentor
-from fishertune.tuning import build_method
+from fishertune.tuning import MethodContext, build_method, registered_methods
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+MINI = Path(__file__).resolve().parents[1] / "benchmarks" / "mini" / "table1.yaml"
 
 
 class Images(torch.utils.data.Dataset):
@@ -69,3 +77,127 @@ def test_precision_enters_a_cells_id_only_when_not_the_default(tmp_path, mini_ma
     (a,), (b,) = load_manifest(base).cells(), load_manifest(bf16).cells()
     assert "precision" not in a.config["train"] and b.config["train"]["precision"] == "bf16"
     assert a.id != b.id
+
+
+# ---- the GPU's code paths, exercised on the CPU (issue 19) -----------------------------------------------
+
+#: ops that make the host wait for the device when their input lives on a GPU: a value read on the host, an
+#: output whose size depends on values, a tensor made from host data (copied over, and waited for)
+SYNCING_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "_unique2", "unique_dim",
+               "unique_consecutive", "masked_select", "lift_fresh"}
+#: where a training step may wait for the device, and how often (per step of batch B with P predictions, the
+#: decoder layers + 1): ``semantic_targets`` copies which classes each image holds to the host once and reads
+#: them there (one check, B ``nonzero`` on the host copy); the Hungarian matching runs on the host (scipy) and
+#: sends each image's assignment back (2 tensors per image and prediction)
+ALLOWED_WAITS = {("mask2former.py", "semantic_targets", "_local_scalar_dense"): lambda b, p: 1,
+                 ("mask2former.py", "semantic_targets", "nonzero"): lambda b, p: b,
+                 ("matcher.py", "__call__", "lift_fresh"): lambda b, p: 2 * b * p}
+
+
+class _Waits(TorchDispatchMode):
+    """Records every syncing op with the innermost frame of this project's code that called it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[tuple[str, str, int, str], int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in SYNCING_OPS:
+            ours = [f for f in traceback.extract_stack() if "/fishertune/" in f.filename or "/baselines/" in f.filename]
+            frame = ours[-1] if ours else None
+            key = (Path(frame.filename).name, frame.name, func.overloadpacket.__name__) if frame else \
+                ("?", "?", func.overloadpacket.__name__)
+            self.seen[key] = self.seen.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+WAIT_CASES = [("dinov2-tiny", m) for m in sorted(registered_methods())] + [
+    (b, m) for b in ("clip-tiny", "mae-tiny", "sam-tiny", "eva02-tiny") for m in ("vqt", "rein")]
+
+
+def test_a_training_step_waits_for_the_device_only_for_the_matching():
+    """Forward, loss, backward and the method's hooks of every method (and the token methods on every family)
+    call no op that would make the host wait for a GPU, except where the Hungarian matching needs the host.
+    Recorded on the CPU by the ops themselves (a CUDA run would use torch.cuda.set_sync_debug_mode); the
+    optimizer step is left out: on the CPU AdamW reads its step counts on the host by design, on CUDA it is
+    fused (SparseAdamW too) and does not."""
+    manifest = load_manifest(MINI).manifest
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, 64, 64, generator=gen)
+    labels = torch.randint(0, 19, (4, 4, 4), generator=gen).repeat_interleave(16, 1).repeat_interleave(16, 2)
+    labels[:, :8] = 255
+    predictions = manifest.head.config["decoder_layers"] + 1
+    problems = {}
+    for backbone, name in WAIT_CASES:
+        torch.manual_seed(0)
+        bb = build_backbone(backbone, seed=0)
+        seg = Segmentor(bb, build_head(manifest.head.name, bb.embed_dim, 19, **manifest.head.config))
+        config = {"fishertune": {"estimator": "direct", "images": 4, "cache": False},
+                  "childtune": {"images": 4}}.get(name, {})
+        method = build_method(name, config)
+        ctx = MethodContext(device=torch.device("cpu"), seed=0, source_batches=lambda n: [(images, labels)] * n,
+                            source_images=4)
+        method.apply(seg, ctx)
+        seg.head.requires_grad_(True)
+        method.before_training(seg, ctx)
+        seg.train()
+        with _Waits() as waits:
+            loss = train_mod.LossModule(seg)(images, labels)
+            loss.backward()
+            method.after_backward(seg, 0)
+            method.sparse_growth(seg, 0, 10)
+        for key, n in waits.seen.items():
+            if n > ALLOWED_WAITS.get(key, lambda b, p: 0)(len(images), predictions):
+                problems[f"{backbone}/{name}"] = waits.seen
+        assert set(waits.seen) == set(ALLOWED_WAITS)  # the detector sees the waits that are there
+    assert not problems, problems
+
+
+def _cell_dtypes(tmp_path, mini_manifest, precision: str) -> tuple[dict, dict[str, set]]:
+    """Run a mini cell (dinov2-tiny, full fine-tuning, the mini Mask2Former) through `fishertune run`, recording
+    the output dtypes of every Linear layer in training and in evaluation; returns (result, dtypes)."""
+    from fishertune.cli import main
+
+    # one thread: the mini protocol's two spin against each other when the machine is busy (minutes, not seconds)
+    manifest = mini_manifest(f"cell-{precision}", f"methods: [full]\ntrain: {{iterations: {BF16_STEPS}, "
+                                                  f"precision: {precision}}}\nexecution: {{log_every: 2, threads: 1}}\n")
+    seen: dict[str, set] = {"train": set(), "eval": set()}
+
+    def hook(module, args, out):
+        if isinstance(module, torch.nn.Linear) and isinstance(out, torch.Tensor):
+            seen["train" if module.training else "eval"].add(out.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        assert main(["run", str(manifest), "--results", str(tmp_path / precision), "--no-render"]) == 0
+    finally:
+        handle.remove()
+    (path,) = (tmp_path / precision).rglob("*.json")
+    result = json.loads(path.read_text())
+    result["predictions_read"] = {Path(p["prediction"]).name: np.array(Image.open(path.parent / p["prediction"]))
+                                  for preds in result["predictions"].values() for p in preds}
+    return result, seen
+
+
+BF16_STEPS = 12
+
+
+def test_a_bf16_cell_trains_and_evaluates_in_bf16_within_tolerance_of_fp32(tmp_path, mini_manifest):
+    """A whole mini cell (training, then evaluation of the three targets) under ``train.precision: bf16``
+    against the same cell in fp32: every Linear layer computes in bf16 in both, the numbers stay close. Measured
+    (12 steps, one thread): logged losses within 0.51% of fp32's, mIoU per target within 0.24 points, the saved
+    predictions (3 images per target) agree on 93.5% of their pixels (the lowest image 77%). Allowed: 3%, 2
+    points and 80% (bf16 keeps 8 bits of mantissa, and a barely trained model has small margins)."""
+    fp32, dtypes32 = _cell_dtypes(tmp_path, mini_manifest, "fp32")
+    bf16, dtypes16 = _cell_dtypes(tmp_path, mini_manifest, "bf16")
+    assert dtypes32 == {"train": {torch.float32}, "eval": {torch.float32}}
+    assert dtypes16 == {"train": {torch.bfloat16}, "eval": {torch.bfloat16}}
+    assert bf16["config"]["train"]["precision"] == "bf16" and bf16["cell_id"] != fp32["cell_id"]
+    steps = [i for i, _ in fp32["train"]["losses"]]
+    assert steps == [i for i, _ in bf16["train"]["losses"]] and len(steps) == BF16_STEPS // 2
+    for (_, a), (_, b) in zip(fp32["train"]["losses"], bf16["train"]["losses"]):
+        assert b == pytest.approx(a, rel=0.03)
+    for target, a in fp32["targets"].items():
+        assert abs(bf16["targets"][target]["miou"] - a["miou"]) <= 2.0, target
+    same = [np.mean(a == bf16["predictions_read"][name]) for name, a in fp32["predictions_read"].items()]
+    assert len(same) == 9 and np.mean(same) >= 0.8, same
