@@ -2,7 +2,10 @@
 ``execution.compile`` puts the loss module through torch.compile; neither is in a cell's id at its default."""
 
 import json
+import logging
+import re
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +204,98 @@ def test_a_bf16_cell_trains_and_evaluates_in_bf16_within_tolerance_of_fp32(tmp_p
         assert abs(bf16["targets"][target]["miou"] - a["miou"]) <= 2.0, target
     same = [np.mean(a == bf16["predictions_read"][name]) for name, a in fp32["predictions_read"].items()]
     assert len(same) == 9 and np.mean(same) >= 0.8, same
+
+
+#: where torch.compile of the loss module may break its graphs: the functions that read values on the host,
+#: marked ``torch.compiler.disable`` (the host copy of the classes each image holds, the Hungarian matching)
+ALLOWED_BREAKS = {"semantic_targets", "HungarianMatcher.__call__"}
+
+
+def _mini_segmentor():
+    manifest = load_manifest(MINI).manifest
+    torch.manual_seed(0)
+    bb = build_backbone("dinov2-tiny", seed=0)
+    return Segmentor(bb, build_head(manifest.head.name, bb.embed_dim, 19, **manifest.head.config))
+
+
+def _train_mask2former(compile: bool, iterations: int = 2) -> tuple[Segmentor, list]:
+    """``engine.train.train`` of the tiny DINOv2 with the miniature's Mask2Former, full fine-tuning."""
+    seg = _mini_segmentor()
+    stats = train_mod.train(seg, build_method("full"), Images(), TrainTransform(crop_size=32, short_edge_range=(32, 48),
+                                                                               max_long_edge=64),
+                            iterations=iterations, batch_size=2, lr=1e-3, weight_decay=0.0, poly_power=0.9, warmup=0,
+                            seed=0, device=torch.device("cpu"), log_every=1, compile=compile)
+    return seg, stats.losses
+
+
+@contextmanager
+def _graph_breaks(capsys):
+    """Collects dynamo's graph-break log (what ``TORCH_LOGS=graph_breaks`` shows) while the block runs; prints
+    each break's place and reason and yields the set it fills: the functions dynamo was told not to trace
+    (``torch.compiler.disable``) that a break names, or the break's first line when it names none."""
+    messages, found = [], set()
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Collect()
+    logger = logging.getLogger("torch._dynamo")
+    torch._logging.set_logs(graph_breaks=True)
+    logger.addHandler(handler)
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+        torch._logging.set_logs()
+    lines = []
+    for message in messages:
+        where = re.search(r"in user code at (\S+):(\d+)", message)
+        if not message.startswith("Graph break") or not where:
+            continue
+        skipped = re.search(r"function `?<function ([\w.]+) at", message)
+        found.add(skipped.group(1) if skipped else message.splitlines()[0])
+        fallback = " (the frame, a loop, runs eagerly)" if "falling back to eager" in message else ""
+        lines.append(f"  {Path(where.group(1)).name}:{where.group(2)}: "
+                     f"{f'calls {skipped.group(1)}, not traced' if skipped else message.splitlines()[0]}{fallback}")
+    with capsys.disabled():
+        print("\ngraph breaks of the compiled loss module:\n" + "\n".join(dict.fromkeys(lines)))
+
+
+def test_compiled_loss_module_breaks_only_at_the_matching_and_equals_eager(monkeypatch, capsys):
+    """``execution.compile``: dynamo traces the loss module, breaking its graphs only where the targets and the
+    matching read values on the host (printed: at the call of ``semantic_targets``, and at the matcher's call,
+    whose loop over the images makes dynamo run ``_layer_losses``, the point-sampled losses, eagerly), and
+    two training steps through the traced graphs give eager's losses and weights (measured: equal to the last bit; allowed 1e-6 relative). The graphs run on dynamo's eager backend
+    here, which costs seconds; inductor, which compiles them to C++ and takes minutes on two cores, is
+    ``test_inductor_...`` (slow)."""
+    eager, eager_losses = _train_mask2former(compile=False)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager", **kw))
+    torch._dynamo.reset()
+    with _graph_breaks(capsys) as breaks:
+        compiled, compiled_losses = _train_mask2former(compile=True)
+    assert breaks == ALLOWED_BREAKS
+    torch._dynamo.reset()
+    assert [loss for _, loss in compiled_losses] == pytest.approx([loss for _, loss in eager_losses], rel=1e-6)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_training_equals_eager_within_float_rounding(monkeypatch, capsys):
+    """The same two steps through inductor (C++ kernels on the CPU; ``fallback_random`` so that the point
+    sampling draws what eager draws). Measured on two cores: about 3.5 minutes of compilation, losses
+    equal to 1e-7 and weights to 1e-6 relative; allowed 1e-5."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    eager, eager_losses = _train_mask2former(compile=False)
+    torch._dynamo.reset()
+    with _graph_breaks(capsys) as breaks:
+        compiled, compiled_losses = _train_mask2former(compile=True)
+    assert breaks == ALLOWED_BREAKS
+    torch._dynamo.reset()
+    assert [loss for _, loss in compiled_losses] == pytest.approx([loss for _, loss in eager_losses], rel=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)

@@ -68,6 +68,7 @@ class MaskedDecoderLayer(nn.Module):
         return self.norm3(query + self.ffn(query))
 
 
+@torch.compiler.disable  # reads values on the host: torch.compile runs it as it is, between two graphs
 def semantic_targets(labels: torch.Tensor, num_classes: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per image of ``labels`` (B x H x W train ids, 255 ignored): (classes present G, masks G x H x W bool).
 
@@ -228,9 +229,13 @@ class Mask2FormerHead(DecodeHead):
     def losses(self, features: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """``loss_cls``, ``loss_mask``, ``loss_dice`` of the last layer and ``d{i}.loss_*`` of the
         earlier predictions (``d0`` = before the first layer), each already weighted."""
-        all_cls, all_masks = self(features)
+        return self.prediction_losses(*self(features), labels)
+
+    def prediction_losses(self, all_cls: list[torch.Tensor], all_masks: list[torch.Tensor],
+                          labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`losses` of the predictions ``self(features)`` made (targets, matching, point-sampled losses)."""
         targets = semantic_targets(labels, self.num_classes)
-        num_masks = mean_over_processes(sum(c.numel() for c, _ in targets), labels.device)
+        num_masks = mean_over_processes(sum([c.numel() for c, _ in targets]), labels.device)  # a list: dynamo traces no generators
         out = {}
         last = len(all_cls) - 1
         for i, (cls_logits, mask_logits) in enumerate(zip(all_cls, all_masks)):
