@@ -65,8 +65,8 @@ from fishertune.engine.train import autocast
 from fishertune.fisher.method import FisherTuneConfig
 from fishertune.fisher.sparse import state_bytes
 from fishertune.heads import build_head
-from fishertune.report.perf import (SCHEMA, Protocol, bf16_peak_tflops, cell_protocol, device_slug, project_cell,
-                                    real_protocol, street_batch, write_record)
+from fishertune.report.perf import (SCHEMA, Protocol, bf16_peak_tflops, cell_protocol, device_slug, flop_counter,
+                                    project_cell, real_protocol, street_batch, write_record)
 from fishertune.runner.manifest import Manifest, load_manifest
 from fishertune.segmentor import Segmentor
 from fishertune.tuning import MethodContext, TuningMethod, build_method, registered_methods
@@ -443,9 +443,7 @@ def _saved_activation_bytes(run: Run, images: torch.Tensor, labels: torch.Tensor
 
 def _flops(run: Run, images: torch.Tensor, labels: torch.Tensor) -> int:
     """FLOPs of one forward + loss + backward (matrix products, convolutions, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()  # also counts the CPU's fused attention
     with counter:
         with autocast(SETUP.device, SETUP.precision):
             loss = run.model.loss(images, labels)

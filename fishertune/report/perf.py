@@ -42,6 +42,20 @@ def bf16_peak_tflops(device_name: str) -> float | None:
     return None
 
 
+def flop_counter() -> "torch.utils.flop_counter.FlopCounterMode":
+    """``FlopCounterMode`` (matrix products, convolutions, attention) that also counts the CPU's fused attention
+    (``_scaled_dot_product_flash_attention_for_cpu`` and its backward, which PyTorch's table leaves out, so that
+    a count on the CPU or on fake CPU tensors holds attention as a count on CUDA does)."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    return fc.FlopCounterMode(display=False, custom_mapping={  # arguments as shapes, in the ops' order
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *_, out_shape=None, **__: fc.sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *_, out_shape=None, **__: fc.sdpa_backward_flop_count(grad, q, k, v)})
+
+
 def device_slug(kind: str, name: str = "", cores: int | None = None) -> str:
     """``cpu-<cores>c`` on the CPU; the GPU's name lowercased with dashes (``nvidia-h100-80gb-hbm3``)."""
     if kind == "cpu":
