@@ -283,19 +283,33 @@ def test_compiled_loss_module_breaks_only_at_the_matching_and_equals_eager(monke
 
 
 @pytest.mark.slow
-def test_inductor_compiled_training_equals_eager_within_float_rounding(monkeypatch, capsys):
-    """The same two steps through inductor (C++ kernels on the CPU; ``fallback_random`` so that the point
-    sampling draws what eager draws). Measured on two cores: about 3.5 minutes of compilation, losses
-    equal to 1e-7 and weights to 1e-6 relative; allowed 1e-5."""
+def test_inductor_compiled_loss_and_gradients_equal_eager_within_float_rounding(monkeypatch, capsys):
+    """The loss module through inductor (C++ kernels on the CPU; ``fallback_random`` so that the point sampling
+    draws what eager draws): one step's loss and every parameter's gradient against eager's. Measured on two
+    cores: about 3.5 minutes of compilation; the loss equal to 1e-7, each gradient within 7e-7 of eager's (norm
+    of the difference over the norm); allowed 1e-5. (Weights after AdamW steps are no measure: for gradients
+    near zero, rounding decides the step's sign.)"""
     import torch._inductor.config as inductor_config
 
     monkeypatch.setattr(inductor_config, "fallback_random", True)
-    eager, eager_losses = _train_mask2former(compile=False)
+    seg = _mini_segmentor()
+    images, labels = next(iter(train_mod.source_batches(Images(), TrainTransform(crop_size=32, short_edge_range=(
+        32, 48), max_long_edge=64), 0, 2)))
+
+    def step(loss_module) -> tuple[float, dict[str, torch.Tensor]]:
+        seg.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss = loss_module(images, labels)
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in seg.named_parameters() if p.grad is not None}
+
+    eager_loss, eager_grads = step(train_mod.LossModule(seg))
     torch._dynamo.reset()
     with _graph_breaks(capsys) as breaks:
-        compiled, compiled_losses = _train_mask2former(compile=True)
-    assert breaks == ALLOWED_BREAKS
+        compiled_loss, compiled_grads = step(torch.compile(train_mod.LossModule(seg)))
     torch._dynamo.reset()
-    assert [loss for _, loss in compiled_losses] == pytest.approx([loss for _, loss in eager_losses], rel=1e-5)
-    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert breaks == ALLOWED_BREAKS
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, g in eager_grads.items():
+        assert float((compiled_grads[name] - g).norm()) <= 1e-5 * float(g.norm()) + 1e-12, name

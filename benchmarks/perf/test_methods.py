@@ -52,6 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import cells  # benchmarks/perf/cells.py
 import pytest
 import torch
 
@@ -255,18 +256,13 @@ def build_run(name: str, setup: Setup) -> Run:
 
 
 def _sync(setup: Setup) -> None:
-    if setup.device.type == "cuda":
-        torch.cuda.synchronize()
+    cells.sync(setup.device)
 
 
 def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, setup: Setup, iteration: int = 0) -> None:
-    """One step as ``engine.train.train`` takes it (no scheduler: a multiply per group)."""
-    with autocast(setup.device, setup.precision):
-        loss = run.model.loss(images, labels)
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    run.method.after_backward(run.model, iteration)
-    run.optimizer.step()
+    """One step as ``engine.train.train`` takes it (:func:`cells.train_step`)."""
+    cells.train_step(run.model.loss, run.model, run.method, run.optimizer, images, labels, setup.device,
+                     setup.precision, iteration)
 
 
 def timed_step(run: Run, images: torch.Tensor, labels: torch.Tensor, setup: Setup) -> None:
@@ -453,38 +449,9 @@ def _flops(run: Run, images: torch.Tensor, labels: torch.Tensor) -> int:
 
 
 def _largest_batch(run: Run) -> dict[str, Any]:
-    """Doubling the batch until a step runs out of memory: the largest that fit, its images/s (median of
-    3 steps) and the peak memory of those steps."""
-    largest, batch = SETUP.batch, SETUP.batch
-    while batch * 2 <= MAX_BATCH:
-        batch *= 2
-        failed = False
-        try:
-            images, labels = _batch(batch, SETUP)
-            train_step(run, images, labels, SETUP)
-            _sync(SETUP)
-        except torch.cuda.OutOfMemoryError:
-            failed = True
-        images = labels = None
-        run.optimizer.zero_grad(set_to_none=True)
-        gc.collect()
-        torch.cuda.empty_cache()
-        if failed:
-            break
-        largest = batch
-    images, labels = _batch(largest, SETUP)
-    train_step(run, images, labels, SETUP)
-    _sync(SETUP)
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(3):
-        _sync(SETUP)
-        start = time.perf_counter()
-        train_step(run, images, labels, SETUP)
-        _sync(SETUP)
-        times.append(time.perf_counter() - start)
-    return {"largest_batch": largest, "images_per_s_largest_batch": round(largest / statistics.median(times), 3),
-            "peak_memory_gb_largest_batch": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+    """Doubling the batch until a step runs out of memory (:func:`cells.largest_batch`)."""
+    return cells.largest_batch(lambda b: train_step(run, *_batch(b, SETUP), SETUP), SETUP.batch, MAX_BATCH,
+                               SETUP.device, clear=lambda: run.optimizer.zero_grad(set_to_none=True))
 
 
 @pytest.mark.parametrize("name", METHODS)

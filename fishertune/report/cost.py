@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -98,6 +99,24 @@ def _surrogate(outputs) -> torch.Tensor:
     outputs starts (the loss's own backward is counted apart)."""
     flat = [t for o in outputs for t in (o if isinstance(o, (list, tuple)) else [o])]
     return sum(t.float().sum() for t in flat if t.requires_grad)
+
+
+def _detached(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+
+
+@contextmanager
+def _detached_queries(head):
+    """Within: the head's query provider (a method's, e.g. VQT's outputs of the backbone) gives detached tensors."""
+    provider = getattr(head, "query_provider", None)
+    if provider is None:
+        yield
+        return
+    head.query_provider = lambda batch: tuple(_detached(list(provider(batch))))
+    try:
+        yield
+    finally:
+        head.query_provider = provider
 
 
 class _Saved:
@@ -193,14 +212,16 @@ def cell_cost(lm, cell, precision: str, source_images: int, loss_heads: dict | N
                     outputs, f_head = _count(lambda: list(head.losses(feats, labels).values()))
         _, b_all = _count(lambda: _surrogate(outputs).backward())
         grads = [(n, p) for n, p in seg.named_parameters() if p.grad is not None]
-        detached = [f.detach().requires_grad_(f.requires_grad) for f in feats]
+        # the head alone: from detached features (and detached queries when a method supplies them from the
+        # backbone, as VQT and Rein do), so that its backward stops at its inputs; the backbone ran again first
         with _autocast(precision):
+            detached = _detached(seg.backbone.forward_features(images))
+        with _detached_queries(head), _autocast(precision):
             head_out = head(detached) if split else list(head.losses(detached, labels).values())
         _, b_head = _count(lambda: _surrogate(head_out).backward())
         if hasattr(head, "pixel_decoder"):
-            detached = [f.detach().requires_grad_(f.requires_grad) for f in feats]
             with _autocast(precision):
-                decoded, f_pixel = _count(lambda: head.pixel_decoder(detached))
+                decoded, f_pixel = _count(lambda: head.pixel_decoder(_detached(feats)))
             _, b_pixel = _count(lambda: _surrogate(decoded).backward())
             flops["pixel decoder"] = {"forward": f_pixel, "backward": b_pixel}
             flops["transformer decoder"] = {"forward": f_head - f_pixel, "backward": b_head - b_pixel}
