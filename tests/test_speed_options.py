@@ -286,8 +286,9 @@ def test_compiled_loss_module_breaks_only_at_the_matching_and_equals_eager(monke
 def test_inductor_compiled_loss_and_gradients_equal_eager_within_float_rounding(monkeypatch, capsys):
     """The loss module through inductor (C++ kernels on the CPU; ``fallback_random`` so that the point sampling
     draws what eager draws): one step's loss and every parameter's gradient against eager's. Measured on two
-    cores: about 3.5 minutes of compilation; the loss equal to 1e-7, each gradient within 7e-7 of eager's (norm
-    of the difference over the norm); allowed 1e-5. (Weights after AdamW steps are no measure: for gradients
+    shared cores: 3.5 minutes for the first compiled step (seconds once inductor's cache holds it); the loss
+    equal to 1.4e-7 relative, the gradients within 7e-7 of eager's (norm of the difference over the norm, the
+    largest over the parameters); allowed 1e-5. (Weights after AdamW steps are no measure: for gradients
     near zero, rounding decides the step's sign.)"""
     import torch._inductor.config as inductor_config
 

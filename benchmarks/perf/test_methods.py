@@ -326,7 +326,9 @@ def record(threads, pytestconfig):
     out = finish(rec)
     if OUT.lower() == "none":
         return
-    stem = out["device"]["slug"] + ("" if MODEL == ("large" if CUDA else "tiny") else f"-{MODEL}")
+    # on a GPU "<gpu>-methods": "<gpu>.md" is gpu_check.py's record
+    stem = out["device"]["slug"] + ("-methods" if CUDA else "") + ("" if MODEL == ("large" if CUDA else "tiny")
+                                                                   else f"-{MODEL}")
     paths = write_record(out, Path(OUT), stem)
     say(f"[perf] wrote {', '.join(str(p) for p in paths)}")
 
