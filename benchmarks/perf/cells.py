@@ -7,6 +7,8 @@
 * :func:`write_manifest`: a manifest over ``benchmarks/table1.yaml`` (Rein's protocol: Mask2Former, crop 512)
   for given backbones, methods and checkpoint files, with the estimating methods' budgets cut to a few images
   (a smoke check times the step, not the estimate) and without their cache.
+* :func:`peak_rss_gb` and :func:`reset_peak_rss`: the process's peak resident memory, and (Linux) its reset,
+  so that one phase's peak can be told from an earlier one's.
 * :class:`SyntheticSource`: street-like frames in the readers' format, for ``prepare_cell``'s source data.
 """
 
@@ -80,20 +82,41 @@ def largest_batch(step: Callable[[int], None], start: int, limit: int, device: t
             "peak_memory_gb_largest_batch": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
 
 
+def peak_rss_gb() -> float:
+    """The peak resident memory since the start or the last :func:`reset_peak_rss` (Linux: VmHWM), in GiB."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak resident memory to the current one (Linux ``/proc/self/clear_refs``); False if not here."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def write_manifest(path: Path, backbones: list[str], methods: list[str], weights: dict[str, Path], *,
                    batch: int = 4, crop: int | None = None, precision: str = "fp32", iterations: int = 1,
                    estimation_images: int = 1, workers: int = 0) -> Path:
     """A manifest over ``benchmarks/table1.yaml`` naming ``weights``, with FisherTune's and ChildTune's
-    estimates on ``estimation_images`` images (one variational step) and not cached, and ``workers`` loader
-    processes (0: the step's data is read in the measured process)."""
+    estimates on ``estimation_images`` images, not cached (FisherTune's direct estimator: the variational one
+    keeps about ten fp32 copies of the blocks' parameters, 12 GB for a ViT-L, more than a smoke check needs),
+    and ``workers`` loader processes (0: the step's data is read in the measured process)."""
     train: dict[str, Any] = {"batch_size": batch, "iterations": iterations, "precision": precision}
     if crop is not None:
         train["crop_size"] = crop
     body = {"version": 1, "name": path.stem, "table": "table1", "include": str(TABLE1), "backbones": backbones,
             "methods": methods, "weights": {k: str(v) for k, v in weights.items()}, "train": train,
             "execution": {"num_workers": workers},
-            "method_configs": {"fishertune": {"images": estimation_images, "variational": {"steps": 1},
-                                              "cache": False},
+            "method_configs": {"fishertune": {"images": estimation_images, "estimator": "direct", "cache": False},
                                "childtune": {"images": estimation_images}}}
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return path

@@ -10,13 +10,15 @@ then runs in a process of its own, one at a time, so that its peak resident memo
 
 * build: ``runner.run.prepare_cell`` on a manifest over ``benchmarks/table1.yaml`` naming that checkpoint (the
   family's loader reads and converts it, Rein's Mask2Former, the method's ``apply``);
-* estimate: the method's ``before_training``; FisherTune and ChildTune on **one image** (FisherTune: one
-  variational step), since the smoke times the step, not the estimate (``fishertune cost`` counts the
-  estimate at its configured size);
+* estimate: the method's ``before_training``; FisherTune and ChildTune on **one image** (FisherTune with its
+  direct estimator: the variational one keeps about ten fp32 copies of the blocks' parameters), since the
+  smoke times the step, not the estimate (``fishertune cost`` counts the estimate at its configured size);
 * step: ``engine.train.train`` for one iteration at batch 1 in the protocol's fp32 (one synthetic 1024x512
   street-like frame through Rein's augmentation, forward and Mask2Former's losses with the matching, backward,
   the optimizer's step), in wall and CPU seconds;
-* peak RSS: the process's ``ru_maxrss`` at the end.
+* peak RSS: the process's peak resident memory over everything, and during the step alone (the peak reset
+  before it, Linux's ``clear_refs``; with the checkpoint's tensors freed, the step's peak is the model, its
+  gradients and optimizer state, and the step's activations).
 
 PyTorch uses its default intra-op threads (the machine's cores). The wall times follow what else runs on the
 machine (the file records the load average before and after); the CPU seconds do less so.
@@ -28,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,8 @@ def one_cell(manifest: Path, cell_id: str) -> dict:
     built = clock()
     method.before_training(segmentor, ctx)
     estimated = clock()
+    whole = cells.peak_rss_gb()
+    reset = cells.reset_peak_rss()
     stats = train(segmentor, method, source, transform, iterations=m.train.iterations, batch_size=m.train.batch_size,
                   lr=m.train.lr, weight_decay=m.train.weight_decay, poly_power=m.train.poly_power,
                   warmup=m.train.warmup_iterations, seed=m.seed, device=device, num_workers=m.execution.num_workers,
@@ -73,7 +76,8 @@ def one_cell(manifest: Path, cell_id: str) -> dict:
     return {"backbone": cell.backbone, "method": cell.row, **parameter_counts(segmentor, method),
             "build_s": built[0] - start[0], "estimate_s": estimated[0] - built[0],
             "step_s": stepped[0] - estimated[0], "step_cpu_s": stepped[1] - estimated[1],
-            "loss": stats.losses[0][1], "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "loss": stats.losses[0][1], "peak_rss_gb": max(whole, cells.peak_rss_gb()),
+            "step_peak_rss_gb": cells.peak_rss_gb() if reset else None}
 
 
 def run(backbones: list[str], methods: list[str], out: Path) -> Path:
@@ -128,17 +132,18 @@ def render(rows: list[dict], failures: list, started: datetime, load_before: flo
         "",
         "Each backbone's checkpoint is written in its official release's layout with random weights "
         "(`fishertune.backbones.official`) and read by its family's loader; Rein's Mask2Former head, crop 512, "
-        "batch 1, fp32, one process per row. **FisherTune and ChildTune estimate on one image** (FisherTune: one "
-        "variational step): the smoke times their step, not their estimate (`fishertune cost` counts that).",
+        "batch 1, fp32, one process per row. **FisherTune and ChildTune estimate on one image** (FisherTune with "
+        "its direct estimator): the smoke times their step, not their estimate (`fishertune cost` counts that).",
         "",
         "| backbone | method | checkpoint GB | trainable backbone | build s | estimate s | step s | step CPU s "
-        "| loss | peak RSS GB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| loss | peak RSS GB | during the step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| `{r['backbone']}` | `{r['method']}` | {r['checkpoint_gb']:.2f} | "
                      f"{r['backbone_trainable'] / 1e6:.2f}M | {r['build_s']:.1f} | {r['estimate_s']:.1f} | "
-                     f"{r['step_s']:.1f} | {r['step_cpu_s']:.1f} | {r['loss']:.2f} | {r['peak_rss_gb']:.1f} |")
+                     f"{r['step_s']:.1f} | {r['step_cpu_s']:.1f} | {r['loss']:.2f} | {r['peak_rss_gb']:.1f} | "
+                     + ("-" if r["step_peak_rss_gb"] is None else f"{r['step_peak_rss_gb']:.1f}") + " |")
     if failures:
         lines += ["", "Failed:", ""] + [f"- `{cell}`: {why}" for cell, why in failures]
     return "\n".join(lines) + "\n"

@@ -33,7 +33,6 @@ stated share of the GPU's dense peak in the chosen precision, the estimation at 
 from __future__ import annotations
 
 import json
-import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -404,4 +403,4 @@ def _dominant_part(cells: list[dict]) -> str:
 
 
 def to_json(rec: dict[str, Any]) -> str:
-    return json.dumps(rec, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)) + "\n"
+    return json.dumps(rec, indent=1) + "\n"
