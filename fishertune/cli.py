@@ -7,6 +7,7 @@
     fishertune data prepare NAME --root DIR   convert labels in place as Rein's tools do (resumable)
     fishertune regression check|update MANIFEST... [--run]
     fishertune params [--format md|json]   trainable parameters per backbone x method, beside the paper's
+    fishertune cost MANIFEST           FLOPs, memory and GPU hours of each full-size cell, on paper
 
 User errors (bad manifest, missing data or weights, bad labels) print one line on stderr and exit 2.
 """
@@ -336,6 +337,26 @@ def _cmd_tiny_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cost(args: argparse.Namespace) -> int:
+    from fishertune.report import cost
+    from fishertune.runner.run import select_cells
+    from fishertune.runner.store import atomic_write_text
+
+    lm = _load(args)
+    cells = select_cells(lm.cells(), args.only)
+    command = " ".join(["fishertune", "cost", args.manifest, *(["--only", *args.only] if args.only else []),
+                        "--precision", args.precision, *(["--output", args.output] if args.output else [])])
+    rec = cost.record(lm, cost.manifest_costs(lm, cells, args.precision), args.precision, command)
+    if not args.output:
+        sys.stdout.write(cost.to_markdown(rec))
+        return 0
+    out = Path(args.output)
+    for path, text in ((out.with_suffix(".md"), cost.to_markdown(rec)), (out.with_suffix(".json"), cost.to_json(rec))):
+        atomic_write_text(path, text)
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from fishertune.data import synthesize
 
@@ -479,6 +500,25 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--head", help="decode head with its default options (default: the protocol's head, "
                         "with its options from fishertune/defaults.yaml)")
     params.set_defaults(func=_cmd_params)
+
+    cost = sub.add_parser(
+        "cost", help="what each cell of a manifest costs at full size: FLOPs, memory, GPU hours (no weights or GPU)",
+        description="Build each cell's model as a run does, on fake tensors (shapes without data: no weights, data "
+                    "or GPU, little memory), take one training step at the protocol's crop and batch, and count: "
+                    "FLOPs per training image for the backbone, pixel decoder, transformer decoder and losses "
+                    "(forward and backward), an evaluation window's FLOPs, the bytes of parameters, gradients and "
+                    "optimizer state, the activations saved at the protocol's batch, and the FisherTune/ChildTune "
+                    "estimates; then project one cell's hours on an H100 at 30/40/50% of its dense peak and the "
+                    "whole grid's GPU hours. About half a minute per full-size cell on a CPU.")
+    cost.add_argument("manifest", help="YAML manifest, e.g. benchmarks/table1.yaml")
+    cost.add_argument("--only", nargs="+", metavar="PATTERN", help="only cells whose id or row matches a glob")
+    cost.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                      help="training and evaluation precision of the projection: bf16 (autocast, "
+                           "train.precision: bf16; the GPU's bf16 peak) or fp32 (the protocol's default, Rein's; the "
+                           "GPU's fp32 peak) (default: %(default)s)")
+    cost.add_argument("--output", metavar="FILE", help="write FILE.md and FILE.json (atomically) instead of printing "
+                      "the Markdown, e.g. results/perf/full-size-projection.md")
+    cost.set_defaults(func=_cmd_cost)
 
     data = sub.add_parser("data", help="synthesize, verify or prepare data sets")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

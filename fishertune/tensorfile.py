@@ -31,12 +31,13 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(error).__name__
 
 
-def torch_load(path: str | Path, mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, without torch's pickle-protocol warning."""
+def torch_load(path: str | Path, mmap: bool = False, map_location: str = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` (on the CPU unless ``map_location`` says, e.g. ``"meta"``),
+    without torch's pickle-protocol warning."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CodeInFile(first_line(e)) from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:

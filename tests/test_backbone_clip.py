@@ -1,11 +1,11 @@
 """The CLIP family: features, q/k/v addressing, drop path, sizes, the TorchScript reader, and loading
 OpenAI's (TorchScript) and open_clip's (state dict) checkpoint formats against open_clip's own tower."""
 
-import copy
 import os
 import pickle
 import warnings
 import zipfile
+from functools import partial
 
 import pytest
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 
 from fishertune.backbones import BACKBONES, build_backbone
 from fishertune.backbones.clip import clip_vit, load_clip
+from fishertune.backbones.official import save_torchscript
 from fishertune.backbones.torchscript import is_torchscript_archive, read_torchscript_state_dict
 from fishertune.backbones.weights import read_state_dict
 from fishertune.errors import UserError
@@ -39,20 +40,8 @@ def _upstream_clip(quick_gelu: bool, layers: int = 4) -> nn.Module:
     return model.eval()
 
 
-def _jit_save(model: nn.Module, path, how: str = "trace", half: bool = True):
-    """Write ``model`` as a TorchScript archive: traced on (image, text) as OpenAI did, or scripted."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = copy.deepcopy(model)
-        if how == "trace":
-            example = (torch.randn(1, 3, NATIVE_IMG, NATIVE_IMG), torch.randint(0, 50, (1, 8)))
-            module = torch.jit.trace(model, example, check_trace=False)
-        else:
-            module = torch.jit.script(model)
-        if half:
-            module = module.half()
-        torch.jit.save(module, str(path))
-    return path
+#: a TorchScript archive as OpenAI's: traced on (image, text) (or scripted), fp16 unless half=False
+_jit_save = partial(save_torchscript, image_size=NATIVE_IMG, context_length=8, vocab_size=50)
 
 
 def _jit_load_state_dict(path):

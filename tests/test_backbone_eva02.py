@@ -5,7 +5,8 @@ separate ``q_proj/k_proj/v_proj`` weights, ``q_bias``/``v_bias``, SwiGLU ``w1/w2
 ``norm``, ``mask_token``, ``lm_head`` and the rope tables at top level and under every block, nested under
 ``module``. They are made from an independent timm ``Eva`` built with separate projections
 (``qkv_fused=False``, as timm's own ``eva02_large_patch14_224``), whose tensors are renamed key by key back
-to the official names, so the files do not come from our module. The reference outputs come from a second
+to the official names (``fishertune.backbones.official.eva02_release_state``, the writer the full-size
+checks use too), so the files do not come from our backbone module. The reference outputs come from a second
 such timm model loaded from the same file with timm's own converter (``checkpoint_filter_fn``).
 """
 
@@ -21,6 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from fishertune.backbones import build_backbone
 from fishertune.backbones.base import Backbone
 from fishertune.backbones.eva02 import load_eva02
+from fishertune.backbones.official import eva02_release_state, eva02_rope
 from fishertune.errors import UserError
 
 DIM, DEPTH, HEADS, GRID = 64, 4, 4, 6  # tiny width; the official file's 14-px grid is GRID x GRID
@@ -42,63 +44,11 @@ def _timm_eva_unfused(img_size=14 * GRID, patch_size=14, depth=DEPTH, seed=3, **
     return model.eval()
 
 
-def _official_rope(ft: int, pt: int = 16, head_dim: int = HEAD_DIM) -> tuple[torch.Tensor, torch.Tensor]:
-    """EVA-02's ``VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=pt, ft_seq_len=ft)`` tables,
-    written out from its definition (Rein's ``intp_freq=True``): positions ``arange(ft) / ft * pt``,
-    frequencies ``10000 ** -(arange(0, d, 2) / d)``, each repeated twice (interleaved), h then w."""
-    d = head_dim // 2
-    freqs = 1.0 / (10000 ** (torch.arange(0, d, 2)[: d // 2].float() / d))
-    t = torch.arange(ft) / ft * pt
-    f = torch.einsum("i,f->if", t, freqs).repeat_interleave(2, dim=-1)  # (ft, d)
-    f = torch.cat([f[:, None, :].expand(ft, ft, d), f[None, :, :].expand(ft, ft, d)], dim=-1)
-    f = f.reshape(ft * ft, 2 * d)
-    return f.cos(), f.sin()
-
-
-def _official_state(model: Eva, predict_dim: int = 2 * DIM) -> dict[str, torch.Tensor]:
-    """``model``'s tensors under the key names of EVA-02's MIM release, plus its pretraining-only keys."""
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    used = set()
-
-    def take(key):
-        used.add(key)
-        return sd[key]
-
-    grid = model.patch_embed.grid_size[0]
-    cos, sin = _official_rope(grid)
-    out = {
-        "cls_token": take("cls_token"),
-        "pos_embed": take("pos_embed"),
-        "mask_token": torch.randn(1, 1, DIM),
-        "patch_embed.proj.weight": take("patch_embed.proj.weight"),
-        "patch_embed.proj.bias": take("patch_embed.proj.bias"),
-    }
-    for i in range(len(model.blocks)):
-        t, o = f"blocks.{i}.", f"blocks.{i}."
-        for part in ("norm1", "attn.proj", "norm2"):
-            out[o + part + ".weight"] = take(t + part + ".weight")
-            out[o + part + ".bias"] = take(t + part + ".bias")
-        out[o + "attn.q_proj.weight"] = take(t + "attn.q_proj.weight")
-        out[o + "attn.k_proj.weight"] = take(t + "attn.k_proj.weight")
-        out[o + "attn.v_proj.weight"] = take(t + "attn.v_proj.weight")
-        out[o + "attn.q_bias"] = take(t + "attn.q_proj.bias")
-        out[o + "attn.v_bias"] = take(t + "attn.v_proj.bias")
-        for official, ours in (("w1", "fc1_g"), ("w2", "fc1_x"), ("ffn_ln", "norm"), ("w3", "fc2")):
-            out[o + f"mlp.{official}.weight"] = take(t + f"mlp.{ours}.weight")
-            out[o + f"mlp.{official}.bias"] = take(t + f"mlp.{ours}.bias")
-        out[o + "attn.rope.freqs_cos"], out[o + "attn.rope.freqs_sin"] = cos.clone(), sin.clone()
-    out["norm.weight"], out["norm.bias"] = take("norm.weight"), take("norm.bias")
-    out["lm_head.weight"], out["lm_head.bias"] = torch.randn(predict_dim, DIM), torch.randn(predict_dim)
-    out["rope.freqs_cos"], out["rope.freqs_sin"] = cos, sin
-    assert used == set(sd), set(sd) - used  # every tensor of the source model is in the file
-    return out
-
-
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     """(source model, official-layout state, path of the file as released: ``{"module": state}``)."""
     src = _timm_eva_unfused()
-    state = _official_state(src)
+    state = eva02_release_state(src, predict_dim=2 * DIM)
     path = tmp_path_factory.mktemp("eva02") / "eva02_L_pt_m38m_p14.pt"
     torch.save({"module": state}, path)
     return src, state, path
@@ -173,7 +123,7 @@ def test_rotary_table_is_evas_16x16_grid_interpolated_to_the_runs_grid(official)
         grid = img // patch
         _, rope = b.eva._pos_embed(b.eva.patch_embed(torch.zeros(1, 3, img, img)))
         sin, cos = rope.tensor_split(2, dim=-1)  # timm's table: cat([sin, cos])
-        want_cos, want_sin = _official_rope(grid)
+        want_cos, want_sin = eva02_rope(grid, HEAD_DIM)
         torch.testing.assert_close(cos, want_cos, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sin, want_sin, rtol=1e-5, atol=1e-5)
 
@@ -321,7 +271,7 @@ def test_missing_weights_say_where_they_were_looked_for(monkeypatch, tmp_path):
 def test_rope_reference_formula_matches_evas_definition_at_the_pretraining_grid():
     # sanity of the test's own formula: at ft == pt it is the plain (uninterpolated) table, whose first
     # position is the identity rotation and whose w-half of the second row advances by the base frequencies
-    cos, sin = _official_rope(16)
+    cos, sin = eva02_rope(16, HEAD_DIM)
     assert torch.equal(cos[0], torch.ones(HEAD_DIM)) and torch.equal(sin[0], torch.zeros(HEAD_DIM))
     d = HEAD_DIM // 2
     base = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))

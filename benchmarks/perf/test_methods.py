@@ -52,6 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import cells  # benchmarks/perf/cells.py
 import pytest
 import torch
 
@@ -59,15 +60,14 @@ from fishertune.backbones import build_backbone
 from fishertune.backbones.timm_vit import TimmViTBackbone, timm_vit
 from fishertune.data import NUM_CLASSES
 from fishertune.data.synth import FIXED_SIZES, MAPILLARY_SIZES
-from fishertune.data.verify import OFFICIAL_COUNTS
 from fishertune.engine.evaluate import slide_logits, window_origins
 from fishertune.engine.optim import build_optimizer
 from fishertune.engine.train import autocast
 from fishertune.fisher.method import FisherTuneConfig
 from fishertune.fisher.sparse import state_bytes
 from fishertune.heads import build_head
-from fishertune.report.perf import (SCHEMA, Protocol, Target, bf16_peak_tflops, device_slug, project_cell,
-                                    windows_per_image, write_record)
+from fishertune.report.perf import (SCHEMA, Protocol, bf16_peak_tflops, cell_protocol, device_slug, flop_counter,
+                                    project_cell, real_protocol, street_batch, write_record)
 from fishertune.runner.manifest import Manifest, load_manifest
 from fishertune.segmentor import Segmentor
 from fishertune.tuning import MethodContext, TuningMethod, build_method, registered_methods
@@ -111,36 +111,16 @@ class Setup:
         return dict(self.manifest.method_configs.get(method, {}))
 
 
-def _table1_protocol(m: Manifest, sizes: dict[str, list[tuple[int, int]]], counts: dict[str, int],
-                     source_images: int, note: str) -> Protocol:
-    """A Table 1 cell of manifest ``m``: its iterations and batch, its targets' windows (mean over ``sizes``)."""
-    targets = []
-    for name in m.targets:
-        per = [windows_per_image(s, tuple(m.eval.test_sizes[name]), m.eval.crop_size, m.eval.stride)
-               for s in sizes[name]]
-        targets.append(Target(name, counts[name], sum(per) / len(per),
-                              f"images of {', '.join(f'{w}x{h}' for w, h in sizes[name])}"))
-    fisher = FisherTuneConfig(**m.method_configs.get("fishertune", {}))
-    child = m.method_configs.get("childtune", {}).get("images") or source_images
-    return Protocol(m.name, m.train.iterations, m.train.batch_size, targets,
-                    {"fishertune": fisher.images, "childtune": child}, note)
-
-
 def _setup(model: str) -> Setup:
     device = torch.device("cuda" if CUDA else "cpu")
     if model == "large":
         m = load_manifest(ROOT / "benchmarks" / "table1.yaml").manifest
         crop = m.train.crop_size
-        # real frames: Cityscapes 2048x1024, BDD100K 1280x720; Mapillary's vary (mostly 4:3, some 16:9),
-        # taken at its test size (3 windows, where a 4:3 frame gives 2): an upper bound
-        sizes = {"cityscapes": [(2048, 1024)], "bdd100k": [(1280, 720)],
-                 "mapillary": [tuple(m.eval.test_sizes["mapillary"])]}
-        counts = {t: OFFICIAL_COUNTS[t]["val"] for t in m.targets}
-        protocol = _table1_protocol(m, sizes, counts, OFFICIAL_COUNTS[m.source]["train"],
-                                    "Training at the measured images/s of batch 4 (data loading not counted: "
-                                    "see test_loading.py), FisherTune's estimate at its default config (512 images), "
-                                    "ChildTune's Fisher pass over all 24,966 GTAV images; Mapillary counted at its "
-                                    "test size (3 windows; a 4:3 frame gives 2).")
+        protocol = real_protocol(m,  # official counts, real frame sizes (report.perf.REAL_FRAMES)
+                                 "Training at the measured images/s of batch 4 (data loading not counted: "
+                                 "see test_loading.py), FisherTune's estimate at its default config (512 images), "
+                                 "ChildTune's Fisher pass over all 24,966 GTAV images; Mapillary counted at its "
+                                 "test size (3 windows; a 4:3 frame gives 2).")
         return Setup("large", "dinov2-l (random weights)",
                      lambda: build_backbone("dinov2-l", pretrained=False, seed=m.seed, img_size=crop), m, crop,
                      os.environ.get("FISHERTUNE_PERF_PRECISION", "bf16"), device, warmup=5, rounds=20,
@@ -152,10 +132,10 @@ def _setup(model: str) -> Setup:
         crop = m.train.crop_size
         sizes = {t: [FIXED_SIZES[t]] for t in FIXED_SIZES} | {"mapillary": list(MAPILLARY_SIZES)}
         counts = {t: m.data.synth_images for t in m.targets}
-        protocol = _table1_protocol(m, sizes, counts, m.data.synth_images,
-                                    "Training at the measured images/s of batch 4 on this benchmark's thread count "
-                                    "(data loading not counted), FisherTune's estimate and ChildTune's pass as the "
-                                    "manifest configures them; Mapillary: the mean over the miniature's frame sizes.")
+        protocol = cell_protocol(m, sizes, counts, m.data.synth_images,
+                                 "Training at the measured images/s of batch 4 on this benchmark's thread count "
+                                 "(data loading not counted), FisherTune's estimate and ChildTune's pass as the "
+                                 "manifest configures them; Mapillary: the mean over the miniature's frame sizes.")
         return Setup("tiny", "dinov2-tiny", lambda: build_backbone("dinov2-tiny", pretrained=False, seed=m.seed, img_size=crop), m,
                      crop, precision, device, warmup=3, rounds=30, eval_rounds=30,
                      eval_size=tuple(m.eval.test_sizes["bdd100k"]), eval_stride=m.eval.stride, protocol=protocol)
@@ -213,14 +193,8 @@ ESTIMATION_CASES = _estimation_cases(SETUP)
 
 # ------------------------------------------------------------------------------------------ building
 def _batch(n: int, setup: Setup, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` random images and street-like labels: a class per cell of a 4x4 grid (so up to 16 classes per
-    image, as real crops hold about 10 to 15, each a mask Mask2Former matches), the top rows ignored."""
-    gen = torch.Generator().manual_seed(seed)
-    crop, cell = setup.crop, setup.crop // 4
-    images = torch.randn(n, 3, crop, crop, generator=gen)
-    labels = torch.randint(0, NUM_CLASSES, (n, 4, 4), generator=gen)
-    labels = labels.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
-    labels[:, : crop // 8] = 255
+    """``n`` random images and street-like labels (:func:`fishertune.report.perf.street_batch`) on the device."""
+    images, labels = street_batch(n, setup.crop, NUM_CLASSES, seed)
     return images.to(setup.device), labels.to(setup.device)
 
 
@@ -282,18 +256,13 @@ def build_run(name: str, setup: Setup) -> Run:
 
 
 def _sync(setup: Setup) -> None:
-    if setup.device.type == "cuda":
-        torch.cuda.synchronize()
+    cells.sync(setup.device)
 
 
 def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, setup: Setup, iteration: int = 0) -> None:
-    """One step as ``engine.train.train`` takes it (no scheduler: a multiply per group)."""
-    with autocast(setup.device, setup.precision):
-        loss = run.model.loss(images, labels)
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    run.method.after_backward(run.model, iteration)
-    run.optimizer.step()
+    """One step as ``engine.train.train`` takes it (:func:`cells.train_step`)."""
+    cells.train_step(run.model.loss, run.model, run.method, run.optimizer, images, labels, setup.device,
+                     setup.precision, iteration)
 
 
 def timed_step(run: Run, images: torch.Tensor, labels: torch.Tensor, setup: Setup) -> None:
@@ -357,7 +326,9 @@ def record(threads, pytestconfig):
     out = finish(rec)
     if OUT.lower() == "none":
         return
-    stem = out["device"]["slug"] + ("" if MODEL == ("large" if CUDA else "tiny") else f"-{MODEL}")
+    # on a GPU "<gpu>-methods": "<gpu>.md" is gpu_check.py's record
+    stem = out["device"]["slug"] + ("-methods" if CUDA else "") + ("" if MODEL == ("large" if CUDA else "tiny")
+                                                                   else f"-{MODEL}")
     paths = write_record(out, Path(OUT), stem)
     say(f"[perf] wrote {', '.join(str(p) for p in paths)}")
 
@@ -470,9 +441,7 @@ def _saved_activation_bytes(run: Run, images: torch.Tensor, labels: torch.Tensor
 
 def _flops(run: Run, images: torch.Tensor, labels: torch.Tensor) -> int:
     """FLOPs of one forward + loss + backward (matrix products, convolutions, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()  # also counts the CPU's fused attention
     with counter:
         with autocast(SETUP.device, SETUP.precision):
             loss = run.model.loss(images, labels)
@@ -482,38 +451,9 @@ def _flops(run: Run, images: torch.Tensor, labels: torch.Tensor) -> int:
 
 
 def _largest_batch(run: Run) -> dict[str, Any]:
-    """Doubling the batch until a step runs out of memory: the largest that fit, its images/s (median of
-    3 steps) and the peak memory of those steps."""
-    largest, batch = SETUP.batch, SETUP.batch
-    while batch * 2 <= MAX_BATCH:
-        batch *= 2
-        failed = False
-        try:
-            images, labels = _batch(batch, SETUP)
-            train_step(run, images, labels, SETUP)
-            _sync(SETUP)
-        except torch.cuda.OutOfMemoryError:
-            failed = True
-        images = labels = None
-        run.optimizer.zero_grad(set_to_none=True)
-        gc.collect()
-        torch.cuda.empty_cache()
-        if failed:
-            break
-        largest = batch
-    images, labels = _batch(largest, SETUP)
-    train_step(run, images, labels, SETUP)
-    _sync(SETUP)
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(3):
-        _sync(SETUP)
-        start = time.perf_counter()
-        train_step(run, images, labels, SETUP)
-        _sync(SETUP)
-        times.append(time.perf_counter() - start)
-    return {"largest_batch": largest, "images_per_s_largest_batch": round(largest / statistics.median(times), 3),
-            "peak_memory_gb_largest_batch": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+    """Doubling the batch until a step runs out of memory (:func:`cells.largest_batch`)."""
+    return cells.largest_batch(lambda b: train_step(run, *_batch(b, SETUP), SETUP), SETUP.batch, MAX_BATCH,
+                               SETUP.device, clear=lambda: run.optimizer.zero_grad(set_to_none=True))
 
 
 @pytest.mark.parametrize("name", METHODS)

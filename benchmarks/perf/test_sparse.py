@@ -47,7 +47,8 @@ from torch import nn
 from fishertune.backbones import build_backbone
 from fishertune.backbones.timm_vit import TimmViTBackbone, timm_vit
 from fishertune.engine.optim import build_optimizer
-from fishertune.fisher.sparse import block_parameters, budget_elements, state_bytes, topk_mask
+from fishertune.fisher.sparse import (adamw_state_bytes, block_parameters, budget_elements, budget_spread, state_bytes,
+                                     topk_mask)
 from fishertune.heads import build_head
 from fishertune.segmentor import Segmentor
 from fishertune.tuning import MethodContext, build_method
@@ -135,30 +136,11 @@ def unused_names(model: nn.Module) -> set[str]:
     return {name for name, _ in model.named_parameters() if name.startswith("backbone.vit.norm.")}
 
 
-def expected_state_bytes(model: nn.Module, mask: dict[str, torch.Tensor] | None) -> int:
-    """AdamW's state in closed form: per trained tensor a float32 step, and two moments (plus int32
-    indices for a masked one, as SparseAdamW keeps them) of its trained elements. Reads only ``numel`` (works on the meta device)."""
-    mask, unused = mask or {}, unused_names(model)
-    total = 0
-    for name, p in model.named_parameters():
-        if p.requires_grad and name not in unused:
-            k = mask[name].numel() if name in mask else p.numel()
-            total += 4 + 2 * k * p.element_size() + (4 * k if name in mask else 0)
-    return total
-
-
-def count_mask(backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """Index tensors of the right sizes without scores (for the closed form on the meta device): the
-    budget spread over the blocks' tensors in proportion to their sizes, k in total."""
-    params = block_parameters(backbone)
-    k, n = budget_elements(backbone, BUDGET), sum(p.numel() for p in params.values())
-    out, seen, taken = {}, 0, 0
-    for name, p in params.items():
-        seen += p.numel()
-        upto = round(k * seen / n)
-        out[name] = torch.empty(upto - taken, dtype=torch.int64, device="meta")
-        taken = upto
-    return out
+def expected_state_bytes(model: nn.Module, mask: dict[str, int] | None) -> int:
+    """AdamW's state in closed form (:func:`fishertune.fisher.sparse.adamw_state_bytes`) for the parameters that
+    train (the unused final norm gets none); ``mask``: selected elements per masked parameter."""
+    unused = unused_names(model)
+    return adamw_state_bytes(((n, p) for n, p in model.named_parameters() if p.requires_grad and n not in unused), mask)
 
 
 def projected_ratio(head: str, **head_kwargs) -> dict[str, float]:
@@ -170,7 +152,7 @@ def projected_ratio(head: str, **head_kwargs) -> dict[str, float]:
     build_method("full").apply(model, ctx)
     dense = expected_state_bytes(model, None)
     build_method("childtune", {"budget": BUDGET}).apply(model, ctx)
-    sparse = expected_state_bytes(model, count_mask(model.backbone))
+    sparse = expected_state_bytes(model, budget_spread(model.backbone, budget_elements(model.backbone, BUDGET)))
     return {"head_params": sum(p.numel() for p in model.head.parameters()),
             "full_state_mb": round(dense / 2**20, 1), "sparse_state_mb": round(sparse / 2**20, 1),
             "state_ratio": round(sparse / dense, 4)}
@@ -246,7 +228,8 @@ def test_optimizer_state(bench, capsys):
     for name, run in bench.runs.items():  # the measured bytes are what the closed form says
         with_state = {n for n, p in run.model.named_parameters() if p in run.optimizer.state}
         assert with_state == {n for n, p in run.model.named_parameters() if p.requires_grad} - unused_names(run.model)
-        assert state_bytes(run.optimizer) == expected_state_bytes(run.model, run.mask), name
+        mask = {n: i.numel() for n, i in run.mask.items()} if run.mask else None
+        assert state_bytes(run.optimizer) == expected_state_bytes(run.model, mask), name
     assert sum(i.numel() for i in sparse.mask.values()) == budget_elements(sparse.model.backbone, BUDGET)
     figures = state_figures(bench.runs)
     with capsys.disabled():

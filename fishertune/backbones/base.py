@@ -148,10 +148,10 @@ class Backbone(nn.Module):
             extra = [x.to(t.dtype) for x in (prompts, queries) if x is not None]
             t = torch.cat([t[:, :npt], *extra, t[:, npt:]], dim=1)
             mask = None
-            if q:
-                mask = torch.ones(t.shape[1], t.shape[1], dtype=torch.bool, device=t.device)
-                mask[:, npt + p : npt + p + q] = False  # no token reads the queries...
-                mask[npt + p : npt + p + q, :] = True  # ...except the queries themselves
+            if q:  # no token reads the queries, except the queries themselves (built on the device: no host copy)
+                position = torch.arange(t.shape[1], device=t.device)
+                query = (position >= npt + p) & (position < npt + p + q)
+                mask = ~query[None, :] | query[:, None]
             t = call(block, t, p + q, mask)
             if q:
                 ext.take_query_outputs(i, t[:, npt + p : npt + p + q])

@@ -112,10 +112,11 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, meta: bool = False):
         super().__init__(file)
         self.archive = archive
         self.prefix = prefix
+        self.meta = meta  # storages as meta tensors, sized from the zip directory, their data not read
         self.storages: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self.classes: dict[str, type] = {}
 
@@ -149,14 +150,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
             nbytes = numel * torch.empty((), dtype=dtype).element_size()
             name = f"{self.prefix}/data/{key}"
             try:
-                raw = self.archive.read(name)
+                size = self.archive.getinfo(name).file_size
             except KeyError:
                 raise _Unreadable(f"storage {name} is missing") from None
-            if numel < 0 or len(raw) < nbytes:
-                raise _Unreadable(f"storage {name} holds {len(raw)} bytes, {nbytes} expected")
-            if nbytes == 0:
+            if numel < 0 or size < nbytes:
+                raise _Unreadable(f"storage {name} holds {size} bytes, {nbytes} expected")
+            if self.meta:
+                self.storages[key, dtype] = torch.empty(numel, dtype=dtype, device="meta")
+            elif nbytes == 0:
                 self.storages[key, dtype] = torch.empty(0, dtype=dtype)
             else:
+                raw = self.archive.read(name)
                 self.storages[key, dtype] = torch.frombuffer(bytearray(memoryview(raw)[:nbytes]), dtype=dtype)
         return self.storages[key, dtype]
 
@@ -195,10 +199,12 @@ def is_torchscript_archive(path: Path) -> bool:
         return False
 
 
-def read_torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_torchscript_state_dict(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
     """The parameters and buffers of the TorchScript archive ``path``, read without running its code.
 
-    Returns what ``torch.jit.load(path).state_dict()`` would, on the CPU, in the stored dtypes. Raises
+    Returns what ``torch.jit.load(path).state_dict()`` would, on the CPU, in the stored dtypes; with
+    ``meta``, as meta tensors (names, shapes, dtypes), the storages' sizes checked against the zip
+    directory and their data not read. Raises
     :class:`UserError` (one line naming the file) when the archive references anything but tensors and
     scripted-module placeholders, or is damaged.
     """
@@ -214,7 +220,7 @@ def read_torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 if order != sys.byteorder:
                     raise _Unreadable(f"its tensors are stored {order}-endian, this machine is {sys.byteorder}-endian")
             with archive.open(f"{prefix}/data.pkl") as f:
-                root = _RestrictedUnpickler(f, archive, prefix).load()
+                root = _RestrictedUnpickler(f, archive, prefix, meta).load()
     except _Forbidden as e:
         raise UserError(
             f"checkpoint {path} carries objects other than tensors and was not loaded (it references {e}); "

@@ -40,7 +40,8 @@ from torch.optim.adam import adam as _adam
 
 from fishertune.errors import UserError
 
-__all__ = ["SparseAdamW", "block_parameters", "budget_elements", "state_bytes", "topk_mask"]
+__all__ = ["SparseAdamW", "adamw_state_bytes", "block_parameters", "budget_elements", "budget_spread", "state_bytes",
+           "topk_mask"]
 
 
 def block_parameters(backbone: nn.Module, prefix: str = "backbone") -> dict[str, nn.Parameter]:
@@ -76,6 +77,33 @@ def budget_elements(backbone: nn.Module, fraction: float, where: str = "budget")
                         f"{k:,} elements, more than the {candidates:,} in its transformer blocks; use at most "
                         f"{candidates / total:.4f}")
     return k
+
+
+def budget_spread(backbone: nn.Module, k: int) -> dict[str, int]:
+    """``k`` elements spread over the blocks' parameters in proportion to their sizes (named as by
+    :func:`block_parameters`): a mask's size per tensor without scores, for closed-form counts."""
+    params = block_parameters(backbone)
+    n = sum(p.numel() for p in params.values())
+    out, seen, taken = {}, 0, 0
+    for name, p in params.items():
+        seen += p.numel()
+        upto = round(k * seen / n)
+        out[name] = upto - taken
+        taken = upto
+    return out
+
+
+def adamw_state_bytes(params: Iterable[tuple[str, torch.Tensor]], selected: dict[str, int] | None = None) -> int:
+    """The bytes :class:`SparseAdamW` (or ``torch.optim.AdamW``) keeps for the trained ``(name, parameter)``
+    pairs, in closed form: per tensor a float32 step; per trained element two moments of the parameter's
+    dtype; for a masked parameter (``selected[name]`` elements) those only, plus an int32 index each.
+    Reads only sizes and dtypes (works on meta and fake tensors); :func:`state_bytes` counts a real optimizer."""
+    selected = selected or {}
+    total = 0
+    for name, p in params:
+        k = selected.get(name, p.numel())
+        total += 4 + 2 * k * p.element_size() + (4 * k if name in selected else 0)
+    return total
 
 
 def _keys(score: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,9 @@ def mean_over_processes(count, device: torch.device):
     from torch import distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        total = torch.as_tensor(count, dtype=torch.float32, device=device).clone()
+        # made on the device (a tensor from a host number would be a copy the step waits for)
+        total = (count.to(torch.float32).clone() if isinstance(count, torch.Tensor)
+                 else torch.full((), float(count), dtype=torch.float32, device=device))
         dist.all_reduce(total)
         return (total / dist.get_world_size()).clamp(min=1.0)
     return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)

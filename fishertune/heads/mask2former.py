@@ -68,14 +68,24 @@ class MaskedDecoderLayer(nn.Module):
         return self.norm3(query + self.ffn(query))
 
 
+@torch.compiler.disable  # reads values on the host: torch.compile runs it as it is, between two graphs
 def semantic_targets(labels: torch.Tensor, num_classes: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per image of ``labels`` (B x H x W train ids, 255 ignored): (classes present G, masks G x H x W bool)."""
+    """Per image of ``labels`` (B x H x W train ids, 255 ignored): (classes present G, masks G x H x W bool).
+
+    Which classes each image holds is marked on the device (one boolean per image and class) and copied to
+    the host once for the whole batch: the step's only wait for the device outside the matching (which
+    runs on the host anyway). The classes go back to the device without waiting; each image's classes are
+    ascending, and a value other than 0..K-1 and 255 is an error."""
+    b = labels.shape[0]
+    flat = labels.reshape(b, -1).long()
+    valid = (flat >= 0) & (flat < num_classes)
+    bins = torch.where(valid, flat, torch.where(flat == IGNORE_INDEX, num_classes, num_classes + 1))
+    present = torch.zeros(b, num_classes + 2, dtype=torch.bool, device=labels.device).scatter_(1, bins, True).cpu()
+    if present[:, num_classes + 1].any():
+        raise ValueError(f"label values must be in 0..{num_classes - 1} or {IGNORE_INDEX}")
     out = []
-    for label in labels.long():
-        classes = torch.unique(label)
-        classes = classes[classes != IGNORE_INDEX]
-        if classes.numel() and (int(classes.max()) >= num_classes or int(classes.min()) < 0):
-            raise ValueError(f"label values must be in 0..{num_classes - 1} or {IGNORE_INDEX}")
+    for label, row in zip(labels.long(), present):
+        classes = torch.nonzero(row[:num_classes]).view(-1).to(labels.device, non_blocking=True)
         out.append((classes, label[None] == classes[:, None, None]))
     return out
 
@@ -219,9 +229,13 @@ class Mask2FormerHead(DecodeHead):
     def losses(self, features: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """``loss_cls``, ``loss_mask``, ``loss_dice`` of the last layer and ``d{i}.loss_*`` of the
         earlier predictions (``d0`` = before the first layer), each already weighted."""
-        all_cls, all_masks = self(features)
+        return self.prediction_losses(*self(features), labels)
+
+    def prediction_losses(self, all_cls: list[torch.Tensor], all_masks: list[torch.Tensor],
+                          labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`losses` of the predictions ``self(features)`` made (targets, matching, point-sampled losses)."""
         targets = semantic_targets(labels, self.num_classes)
-        num_masks = mean_over_processes(sum(int(c.numel()) for c, _ in targets), labels.device)
+        num_masks = mean_over_processes(sum([c.numel() for c, _ in targets]), labels.device)  # a list: dynamo traces no generators
         out = {}
         last = len(all_cls) - 1
         for i, (cls_logits, mask_logits) in enumerate(zip(all_cls, all_masks)):

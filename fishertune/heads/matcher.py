@@ -99,6 +99,7 @@ class HungarianMatcher:
         return (self.class_weight * cls_cost + self.mask_weight * bce_cost(pred, tgt)
                 + self.dice_weight * dice_cost(pred, tgt))
 
+    @torch.compiler.disable  # scipy on the host: torch.compile runs it as it is, between two graphs
     @torch.no_grad()
     def __call__(self, cls_logits, mask_logits, gt_labels, gt_masks) -> tuple[torch.Tensor, torch.Tensor]:
         """(query indices, ground-truth indices) of the optimal assignment, both of length min(Q, G)."""

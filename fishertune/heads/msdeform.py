@@ -97,8 +97,9 @@ class MultiScaleDeformableAttention(nn.Module):
         v = self.value_proj(value).view(b, value.shape[1], m, self.embed_dim // m)
         offsets = self.sampling_offsets(query).view(b, q, m, n_l, n_p, 2)
         weights = self.attention_weights(query).view(b, q, m, n_l * n_p).softmax(-1).view(b, q, m, n_l, n_p)
-        # offsets are in pixels of each level: divide by (W, H)
-        normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+        # offsets are in pixels of each level: divide by (W, H), filled in on the device (a tensor made from the
+        # shapes on the host would be a copy the step waits for)
+        normalizer = torch.stack([torch.stack((query.new_full((), w), query.new_full((), h))) for h, w in spatial_shapes])
         locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         return self.output_proj(ms_deform_attn_sample(v, spatial_shapes, locations, weights))
 

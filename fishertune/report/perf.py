@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fishertune.data.transforms import TestResize
 from fishertune.engine.evaluate import window_origins
 
@@ -38,6 +40,20 @@ def bf16_peak_tflops(device_name: str) -> float | None:
         if key.lower() in device_name.lower():
             return peak
     return None
+
+
+def flop_counter() -> "torch.utils.flop_counter.FlopCounterMode":
+    """``FlopCounterMode`` (matrix products, convolutions, attention) that also counts the CPU's fused attention
+    (``_scaled_dot_product_flash_attention_for_cpu`` and its backward, which PyTorch's table leaves out, so that
+    a count on the CPU or on fake CPU tensors holds attention as a count on CUDA does)."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    return fc.FlopCounterMode(display=False, custom_mapping={  # arguments as shapes, in the ops' order
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *_, out_shape=None, **__: fc.sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *_, out_shape=None, **__: fc.sdpa_backward_flop_count(grad, q, k, v)})
 
 
 def device_slug(kind: str, name: str = "", cores: int | None = None) -> str:
@@ -94,6 +110,51 @@ def project_cell(protocol: Protocol, images_per_s: float, windows_per_s: float,
         estimate = protocol.estimation_images[method] * estimation_s_per_image
     return {"train_s": train, "estimation_s": estimate, "eval_s": evaluate, "eval_windows": windows,
             "total_s": train + estimate + evaluate}
+
+
+#: the real evaluation frames (w, h) per target: Cityscapes 2048x1024, BDD100K 1280x720, ACDC 1920x1080;
+#: Mapillary's vary (mostly 4:3, some 16:9) and are counted at its test size (3 windows at 1024x512, where a 4:3
+#: frame gives 2): an upper bound
+REAL_FRAMES = {"cityscapes": (2048, 1024), "bdd100k": (1280, 720), "acdc": (1920, 1080)}
+
+
+def cell_protocol(m, sizes: dict[str, list[tuple[int, int]]], counts: dict[str, int], source_images: int,
+                  note: str) -> Protocol:
+    """A cell of manifest ``m``: its iterations and batch, its targets' windows (the mean over ``sizes``), the
+    images the estimating methods read (FisherTune's configured images; ChildTune's, else the whole source)."""
+    from fishertune.fisher.method import FisherTuneConfig
+
+    targets = []
+    for name in m.targets:
+        per = [windows_per_image(s, tuple(m.eval.test_sizes[name]), m.eval.crop_size, m.eval.stride)
+               for s in sizes[name]]
+        targets.append(Target(name, counts[name], sum(per) / len(per),
+                              f"images of {', '.join(f'{w}x{h}' for w, h in sizes[name])}"))
+    fisher = FisherTuneConfig(**m.method_configs.get("fishertune", {}))
+    child = m.method_configs.get("childtune", {}).get("images") or source_images
+    return Protocol(m.name, m.train.iterations, m.train.batch_size, targets,
+                    {"fishertune": fisher.images, "childtune": child}, note)
+
+
+def real_protocol(m, note: str) -> Protocol:
+    """:func:`cell_protocol` on the real data sets: their official image counts and frame sizes."""
+    from fishertune.data.verify import OFFICIAL_COUNTS
+
+    sizes = {t: [REAL_FRAMES.get(t, tuple(m.eval.test_sizes[t]))] for t in m.targets}
+    counts = {t: sum(n for split, n in OFFICIAL_COUNTS[t].items() if split.split("/")[0] == "val") for t in m.targets}
+    return cell_protocol(m, sizes, counts, OFFICIAL_COUNTS[m.source]["train"], note)
+
+
+def street_batch(n: int, crop: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random images and street-like labels: a class per cell of a 4x4 grid (so up to 16 classes per
+    image, as real crops hold about 10 to 15, each a mask Mask2Former matches), the top rows ignored."""
+    gen = torch.Generator().manual_seed(seed)
+    cell = crop // 4
+    images = torch.randn(n, 3, crop, crop, generator=gen)
+    labels = torch.randint(0, num_classes, (n, 4, 4), generator=gen)
+    labels = labels.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+    labels[:, : crop // 8] = 255
+    return images, labels
 
 
 # ------------------------------------------------------------------------------------------ writing

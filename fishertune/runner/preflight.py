@@ -3,9 +3,11 @@ training, every problem listed at once.
 
 A full Table 1 is days of GPU time, so the check is thorough: each data set the manifest reads is found
 and verified (pairs, official counts, label values, sizes: the same check as ``fishertune data verify``,
-remembered once passed), each checkpoint is present and fits its backbone (read without running code and
-matched key by key against the architecture, built on the meta device so no memory is spent), and a GPU
-is there unless the command says ``--device cpu``. Without data or weights it answers in seconds.
+remembered once passed), each checkpoint is present and fits its backbone (its index read without running
+code, its data never: names, shapes and dtypes, converted as the family's loader converts them and
+matched key by key against the architecture built on the meta device, so no memory is spent and the
+cell that builds the backbone is the only reader of the weights), and a GPU is there unless the command
+says ``--device cpu``. Without data or weights it answers in seconds.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from fishertune.backbones import BACKBONES
 from fishertune.backbones.registry import weights_path
+from fishertune.backbones.weights import shapes_only
 from fishertune.errors import UserError
 from fishertune.runner.data import SPLITS, cache_dir, data_roots
 from fishertune.runner.manifest import Cell, LoadedManifest
@@ -42,7 +45,8 @@ def weights_problems(lm: LoadedManifest, cells: list[Cell]) -> list[str]:
             path = weights_path(spec, m.weights.get(name))
             with torch.device("meta"):
                 model = spec.fn(img_size=m.train.crop_size)
-            spec.loader(model, path)  # reads without running code; a file that does not fit is a UserError
+            with shapes_only():  # the file's index only; a file that does not fit is a UserError
+                spec.loader(model, path)
         except UserError as e:
             problems.append(f"weights: {e}")
     return problems
