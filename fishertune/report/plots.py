@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fishertune.backbones import BACKBONES
-from fishertune.data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES, PALETTE
+from fishertune.data.labels import CLASSES, NUM_CLASSES, PALETTE, colourize
 from fishertune.errors import UserError
 from fishertune.report.paper import PAPER_BACKBONE, paper_table
 from fishertune.report.tables import DATA_KIND, METHOD_ORDER, _route, load_table_results
@@ -62,15 +62,6 @@ def _stderr(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def colourize(label: np.ndarray) -> np.ndarray:
-    """``H x W`` train ids -> ``H x W x 3`` uint8 in the Cityscapes palette; 255 (ignore) and any id
-    outside 0..18 black."""
-    lut = np.zeros((256, 3), np.uint8)
-    lut[:NUM_CLASSES] = PALETTE
-    lut[IGNORE_INDEX] = 0
-    return lut[np.asarray(label, dtype=np.uint8)]
 
 
 def colours(rows) -> dict[str, str]:

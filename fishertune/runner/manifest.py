@@ -109,6 +109,9 @@ class ExecutionConfig(Strict):
                                   "rerunning after a kill continues from the last one")
     threads: int | None = Field(None, gt=0, description="intra-op CPU threads (null: torch's default); fixed by "
                                 "the mini protocol because the count changes CPU results in the last bits")
+    keep_model: bool = Field(True, description="keep each finished cell's trained model beside its result "
+                             "(<cell id>.model/: what trained plus the head, as safetensors, and a card) for "
+                             "`fishertune export` and `fishertune predict`; false: keep only the result")
     slurm: SlurmConfig = Field(SlurmConfig(), description="resources of each cell's job under --executor slurm")
 
 
