@@ -454,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "  miou-vs-params              mIoU (mean over targets) against trainable backbone parameters,\n"
                     "                              one panel per backbone, the paper's points hollow (any table)\n"
                     "  per-class-TARGET-BACKBONE   per-class IoU bars, ours vs the paper's (Table 2 results only)\n"
+                    "  training-loss               every cell's training loss against the iteration, one panel per\n"
+                    "                              backbone, log scale: divergence or a flat loss at a glance\n"
                     "  qualitative-BACKBONE-TARGET input, ground truth and predictions in the Cityscapes palette\n"
                     "                              (the paper's Figure 2; from the predictions `fishertune run` saves\n"
                     "                              beside each result; older cells are listed with how to rerun them)\n"
