@@ -9,6 +9,7 @@
     fishertune params [--format md|json]   trainable parameters per backbone x method, beside the paper's
     fishertune export CELL_OR_RESULT --out DIR     a finished cell's kept model as a standalone package
     fishertune predict MODEL IMAGE_OR_DIR... --out DIR   its predictions on any image
+    fishertune report [--results DIR] [--out DIR]  one self-contained HTML page per results folder
 
 User errors (bad manifest, missing data or weights, bad labels) print one line on stderr and exit 2.
 """
@@ -275,6 +276,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fishertune.report.html import write_reports
+
+    for path in write_reports(args.results, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from fishertune.data import synthesize
 
@@ -515,6 +524,21 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--alpha", type=float, default=0.5, help="the colours' weight in the overlay (default: "
                       "%(default)s)")
     pred.set_defaults(func=_cmd_predict)
+
+    report = sub.add_parser(
+        "report", help="one self-contained HTML page per results folder, to read in a browser",
+        description="For every results folder under --results (RESULTS/<results name>/, the result JSONs of one "
+                    "manifest), write OUT/<results name>.html: the data kind in a banner; every table of the "
+                    "manifest, sortable (click a header), ours beside the paper with the differences coloured; "
+                    "per-class IoU as a heat map per target (backbone x method x class); every figure of "
+                    "`fishertune plot`, the training-loss curves included; and each cell's provenance (config, "
+                    "commit, versions, device, wall time, peak memory, kept model) one click away. No server and "
+                    "no network: styles, script and figures are inside the page.")
+    report.add_argument("--results", default=DEFAULT_RESULTS, metavar="DIR",
+                        help="a results root or one results folder (default: %(default)s)")
+    report.add_argument("--out", default="results/report", metavar="DIR", help="where the pages go "
+                        "(default: %(default)s)")
+    report.set_defaults(func=_cmd_report)
 
     status = sub.add_parser(
         "status", help="list a manifest's cells as done, running, failed or pending",

@@ -303,3 +303,17 @@ def test_a_model_trained_on_a_random_backbone_is_refused_once_the_backbone_has_a
     assert main(["predict", str(folder), image, "--out", str(tmp_path / "p"), "--weights", str(weights)]) == 2
     line = _one_error(capsys)
     assert "drawn at random from seed 42" in line and "commit" in line
+
+
+def test_the_report_of_a_run_folder_shows_every_cell_with_its_kept_model(kept, tmp_path):
+    import re
+
+    from fishertune.report.html import write_reports
+
+    (page,) = write_reports(kept["store"].dir, tmp_path / "report")
+    text = page.read_text()
+    data = json.loads(re.search(r'id="report-data">(.*?)</script>', text, re.S).group(1))
+    assert {c["cell_id"]: c["model"]["path"] for c in data["cells"]} == {
+        c.id: f"{c.id}.model" for c, _ in kept["cells"].values()}
+    figures = re.findall(r'<img alt="([^"]+)"', text)
+    assert figures[0] == "training-loss" and "qualitative-dinov2-tiny-cityscapes" in figures
