@@ -295,14 +295,16 @@ def test_predict_refuses_a_pretrained_file_other_than_the_one_trained_on(tiny_wi
 
 
 def test_a_model_trained_on_a_random_backbone_is_refused_once_the_backbone_has_a_file(kept, tiny_with_file, tmp_path,
-                                                                                     capsys):
+                                                                                     capsys, monkeypatch):
+    monkeypatch.delenv("FISHERTUNE_WEIGHTS", raising=False)
     _, result = kept["cells"]["lora"]
     folder = kept["store"].dir / result["model"]["path"]
     weights = tiny_with_file(7, "good.safetensors")
     image = result["predictions"]["cityscapes"][0]["image"]
-    assert main(["predict", str(folder), image, "--out", str(tmp_path / "p"), "--weights", str(weights)]) == 2
-    line = _one_error(capsys)
-    assert "drawn at random from seed 42" in line and "commit" in line
+    for given in ([], ["--weights", str(weights)]):  # with or without the file at hand: the same answer
+        assert main(["predict", str(folder), image, "--out", str(tmp_path / "p"), *given]) == 2
+        line = _one_error(capsys)
+        assert "drawn at random from seed 42" in line and "dinov2-tiny-test.safetensors" in line and "commit" in line
 
 
 def test_the_report_of_a_run_folder_shows_every_cell_with_its_kept_model(kept, tmp_path):

@@ -234,21 +234,28 @@ def read_card(model: Path) -> dict[str, Any]:
     return card
 
 
-def _check_pretrained(card: dict[str, Any], path: Path | None, where: Path) -> None:
-    """Refuse (one line) a pretrained source other than the one the model was trained on."""
+def _pretrained_source(card: dict[str, Any], explicit: str | os.PathLike | None, where: Path) -> Path | None:
+    """The pretrained file to rebuild the card's model from (:func:`pretrained_file`), or None for a
+    backbone drawn from the seed; refused in one line when it is not the kind of source, or not the
+    file (size, then sha256), the model was trained on."""
     rec = card["pretrained"]
-    backbone = card["config"]["backbone"]
+    config = card["config"]
+    backbone = config["backbone"]
     commit = (card.get("git") or {}).get("commit")
-    if rec["file"] is None and path is not None:
+    spec = BACKBONES.get(backbone, f"{where}: backbone")
+    has_file = bool(spec.weights and config["pretrained"])
+    if rec["file"] is None and has_file:
         raise UserError(f"{where}: this model was trained on {backbone} drawn at random from seed {rec['seed']}, "
-                        f"but this version of fishertune-bench builds {backbone} from the pretrained file {path}; "
-                        f"its predictions would differ: use the fishertune-bench it was trained with (commit {commit})")
-    if rec["file"] is not None and path is None:
+                        f"but this version of fishertune-bench builds {backbone} from the pretrained file "
+                        f"{spec.weights}; its predictions would differ: use the fishertune-bench it was trained "
+                        f"with (commit {commit})")
+    if rec["file"] is not None and not has_file:
         raise UserError(f"{where}: this model was trained on {backbone} from the pretrained file {rec['file']}, "
                         f"but this version of fishertune-bench builds {backbone} without a file; use the "
                         f"fishertune-bench it was trained with (commit {commit})")
-    if path is None:
-        return
+    if not has_file:
+        return None
+    path = pretrained_file(config, explicit)
     size = path.stat().st_size
     if size != rec["bytes"]:
         raise UserError(f"{where}: the pretrained file {path} has {size:,} bytes, but the model was trained on "
@@ -258,6 +265,7 @@ def _check_pretrained(card: dict[str, Any], path: Path | None, where: Path) -> N
     if digest != rec["sha256"]:
         raise UserError(f"{where}: the pretrained file {path} has sha256 {digest}, but the model was trained on "
                         f"{rec['file']} with sha256 {rec['sha256']}; pass the file it was trained on with --weights")
+    return path
 
 
 def load_kept(segmentor: torch.nn.Module, path: Path) -> None:
@@ -318,8 +326,7 @@ def load_model(model: Path, device: torch.device, weights: str | os.PathLike | N
     config = card["config"]
     recorded = card["pretrained"].get("path")
     explicit = weights or (recorded if recorded and Path(recorded).is_file() else None)
-    path = pretrained_file(config, explicit)
-    _check_pretrained(card, path, model)
+    path = _pretrained_source(card, explicit, model)
     kept = model / MODEL_FILE
     if _sha256(kept) != card["kept"]["sha256"]:
         raise UserError(f"{kept}: its sha256 is not the one its card records; the file was changed or damaged: "
