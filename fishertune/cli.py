@@ -17,6 +17,7 @@ User errors (bad manifest, missing data or weights, bad labels) print one line o
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -26,8 +27,15 @@ DEFAULT_RESULTS = "results/runs"
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    """Manifest fields set on the command line."""
-    return {"data": {"subset": args.subset}} if getattr(args, "subset", None) is not None else {}
+    """Manifest fields set on the command line (--subset, --seeds)."""
+    out: dict = {}
+    if getattr(args, "subset", None) is not None:
+        out["data"] = {"subset": args.subset}
+    if getattr(args, "seeds", None) is not None:
+        if args.seeds < 1:
+            raise UserError(f"--seeds must be at least 1, got {args.seeds}")
+        out["seeds"] = args.seeds
+    return out
 
 
 def _load(args: argparse.Namespace):
@@ -54,7 +62,12 @@ def _sweep_args(parser: argparse.ArgumentParser, example: str,
                         "RESULTS/<results name>/ (default: %(default)s)")
     _cell_args(parser, device_help)
     _subset_arg(parser)
+    _seeds_arg(parser)
     _tiny_arg(parser)
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="with the local executor: run N cells at once, each in its own process with the "
+                             "manifest's execution.threads threads (overrides execution.jobs; the mini protocol runs "
+                             "2 of 1 thread on 2 cores); a cell's numbers do not depend on it")
     parser.add_argument("--retry-failed", action="store_true",
                         help="run cells whose result says failed (a non-finite loss) again; by default they are "
                              "kept and skipped, as rerunning the same config fails the same way")
@@ -65,6 +78,13 @@ def _cell_args(parser: argparse.ArgumentParser, device_help: str = "override the
     """--only and --device, as every command that runs cells takes them."""
     parser.add_argument("--only", nargs="+", metavar="PATTERN", help="only cells whose id or row matches a glob")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help=device_help)
+
+
+def _seeds_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", type=int, metavar="N",
+                        help="run N seeds of every cell: the manifest's seeds (or its seed) continued by consecutive "
+                             "integers, e.g. seed 42 and --seeds 3 give 42, 43, 44; each seed is a cell of its own "
+                             "(the first seed's cells keep their ids) and tables show mean +- std over them")
 
 
 def _subset_arg(parser: argparse.ArgumentParser) -> None:
@@ -155,7 +175,8 @@ def _run_here(args: argparse.Namespace, lm, render: bool = True) -> int:
     from fishertune.report.tables import RENDERERS
     from fishertune.runner.run import run_manifest
 
-    outcome = run_manifest(lm, args.results, only=args.only, device=args.device, retry_failed=args.retry_failed)
+    outcome = run_manifest(lm, args.results, only=args.only, device=args.device, retry_failed=args.retry_failed,
+                           jobs=args.jobs)
     for cell, status in outcome:
         print(f"{status:8s} {cell.id}{STATUS_NOTE.get(status, '')}")
     table = lm.manifest.table
@@ -237,7 +258,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
                             f"for); got {args.table!r}")
         paths = render_table1_paper(args.out)
     else:
-        paths = RENDERERS[args.table](args.results, args.out, args.manifest)
+        paths = RENDERERS[args.table](args.results, args.out, args.manifest,
+                                      reference=None if args.reference == "none" else args.reference)
     for path in paths:
         print(f"wrote {path}")
     return 0
@@ -284,10 +306,50 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from fishertune.report.compare import compare_rows, format_rows
+
+    if not 0 < args.level < 1:
+        raise UserError(f"--level must be between 0 and 1 (e.g. 0.95), got {args.level}")
+    rows = compare_rows(args.a, args.b, args.manifest, args.level)
+    sys.stdout.write(format_rows(rows, args.a, args.b, args.level))
+    return 1 if args.fail_on_difference and any(r["difference"].significant for r in rows) else 0
+
+
+def _cmd_tiny_pretrain(args: argparse.Namespace) -> int:
+    from fishertune.pretrain import RECIPES
+    from fishertune.pretrain.loop import TINY_DIR, pretrain, write_model
+    from fishertune.runner.data import cache_dir
+
+    if args.all == bool(args.backbone):
+        raise UserError("name one tiny backbone (e.g. `fishertune tiny pretrain mae-tiny`) or give --all")
+    names = RECIPES.names() if args.all else [args.backbone]
+    out = Path(args.out) if args.out else TINY_DIR
+    for name in names:
+        cls = RECIPES.get(name, "fishertune tiny pretrain")
+        overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
+        cfg = cls.Config(**overrides)
+        recipe = cls(cfg, teacher_dir=out) if cls.needs else cls(cfg)
+        command = "fishertune " + shlex.join(args.argv)
+        trainer, record = pretrain(recipe, cache_dir(), threads=args.threads)
+        weights, card = write_model(recipe, trainer, record, out, command)
+        print(f"{name}: final loss {record['final_loss']:.4f} after {record['steps']} steps in "
+              f"{record['wall_time_s']:.0f} s; wrote {weights} and {card}")
+    return 0
+
+
+def _cmd_tiny_list(args: argparse.Namespace) -> int:
+    from fishertune.pretrain.cards import card_rows
+
+    for line in card_rows():
+        print(line)
+    return 0
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from fishertune.data import synthesize
 
-    roots = synthesize(Path(args.out), seed=args.seed, images=args.images)
+    roots = synthesize(Path(args.out), seed=args.seed, images=args.images, train_images=args.train_images)
     for name, root in roots.items():
         print(f"{name:11s} {root}")
     return 0
@@ -319,6 +381,8 @@ def _cmd_regression(args: argparse.Namespace) -> int:
 
     if args.stored and len(args.manifest) > 1:
         raise UserError("--stored names one regression file; give one manifest with it")
+    if args.spread and args.action == "check":
+        raise UserError("--spread is for `regression update` (it measures the bands); `check` reads them")
     # every manifest is read (and its grid expanded) before any cell runs: a typo stops it at once
     loaded = [load_manifest(path, _overrides(args), tiny=args.tiny) for path in args.manifest]
     for lm in loaded:
@@ -326,27 +390,25 @@ def _cmd_regression(args: argparse.Namespace) -> int:
     moved_total = 0
     for lm in loaded:
         if args.run:
-            for cell, status in run_manifest(lm, args.results, only=args.only, device=args.device):
+            for cell, status in run_manifest(lm, args.results, only=args.only, device=args.device, jobs=args.jobs):
                 print(f"{status:8s} {cell.id}")
         if args.action == "check":
-            problems = regression.check(lm, args.results, args.tolerance, args.stored, only=args.only)
+            problems = regression.check(lm, args.results, args.stored, only=args.only)
             for line in problems:
                 print(line)
-            print(f"{lm.results_name}: " + (f"{len(problems)} number(s) moved by more than {args.tolerance} IoU "
-                                            "points" if problems else "no change"))
+            print(f"{lm.results_name}: " + (f"{len(problems)} statistic(s) moved beyond their bands" if problems
+                                            else "no change beyond the stored bands"))
             moved_total += len(problems)
         else:
-            path, moved = regression.update(lm, args.results, args.tolerance, args.stored, only=args.only)
+            path, moved = regression.update(lm, args.results, args.spread or [], args.stored, only=args.only)
             for line in moved:
                 print(line)
-            print(f"wrote {path}" + (f"; {len(moved)} number(s) moved by more than {args.tolerance} IoU points "
-                                     "(see git diff)" if moved else ""))
+            print(f"wrote {path}" + (f"; {len(moved)} statistic(s) moved beyond the old bands (see git diff)"
+                                     if moved else ""))
     return 1 if moved_total else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fishertune.report.regression import DEFAULT_TOLERANCE
-
     p = argparse.ArgumentParser(
         prog="fishertune",
         description="Reproduce the FisherTune (CVPR 2025) and Rein (CVPR 2024) tables: domain-generalised "
@@ -393,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--manifest", help="use only results of this manifest name")
     render.add_argument("--out", help="output directory (default: results/tables, or results/tables/mini "
                         "for the miniature)")
+    render.add_argument("--reference", default="full", metavar="ROW",
+                        help="the row each backbone's other rows are compared with in the last column (difference of "
+                             "Avg with its 95%% Welch interval over seeds; table1, ablation, estimation); 'none' for no "
+                             "column (default: %(default)s)")
     render.add_argument("--paper-only", action="store_true", help="table1 without any run: the paper's numbers "
                         "and our measured parameter counts, written as table1-paper.md/.tex")
     render.set_defaults(func=_cmd_render)
@@ -422,7 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "encodings, from a procedural street-scene generator.")
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
-    synth.add_argument("--images", type=int, default=12, help="images per split and data set (default: %(default)s)")
+    synth.add_argument("--images", type=int, default=12, help="images per evaluation split (Cityscapes, BDD100K and "
+                       "Mapillary val, each ACDC condition) and per unused training split (default: %(default)s)")
+    synth.add_argument("--train-images", type=int, metavar="N", help="images of each training source (GTAV, "
+                       "Cityscapes train) (default: twice --images)")
     synth.set_defaults(func=_cmd_synth)
     verify = dsub.add_parser("verify", help="check a data set tree: pairs, counts, label values, sizes",
                              description="Check a data set in its real layout: every image paired with a label, "
@@ -455,6 +524,49 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--root", required=True, help="the data set's directory")
     prepare.add_argument("--workers", type=int, help="threads converting files (default: CPU cores, at most 8)")
     prepare.set_defaults(func=_cmd_prepare)
+    cmp = sub.add_parser(
+        "compare", help="compare two result sets cell by cell, each difference with its interval over seeds",
+        description="Match the finished cells of A and B by manifest name, backbone and row, group their seeds, "
+                    "and give per target and for the aggregate the difference B - A of the mean mIoU with Welch's "
+                    "interval over seeds; a difference whose interval excludes 0 exceeds the noise. Run before and "
+                    "after changing a method (e.g. with --seeds 3 on both sides).")
+    cmp.add_argument("a", metavar="RESULTS_A", help="a results folder (searched recursively), e.g. results/runs")
+    cmp.add_argument("b", metavar="RESULTS_B", help="the other results folder")
+    cmp.add_argument("--manifest", metavar="NAME", help="only cells of this manifest name")
+    cmp.add_argument("--level", type=float, default=0.95, help="confidence level (default: %(default)s)")
+    cmp.add_argument("--fail-on-difference", action="store_true",
+                     help="exit 1 when a difference exceeds the noise (for scripts)")
+    cmp.set_defaults(func=_cmd_compare)
+
+    tiny = sub.add_parser("tiny", help="the tiny foundation models of the miniature: make or list them")
+    tsub = tiny.add_subparsers(dest="tiny_command", required=True, metavar="ACTION")
+    tpre = tsub.add_parser(
+        "pretrain", help="pretrain a tiny foundation model with its family's objective and write it with its card",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pretrain the tiny variant of a family on the suite's pretraining world (street scenes under "
+                    "random styles, never the benchmark's images or its 19-class labels) with that family's "
+                    "objective, then write BACKBONE.safetensors (official layout, fp16) and BACKBONE.json (its card: "
+                    "recipe and settings hash, steps, losses, wall time, machine, torch, command) into "
+                    "fishertune/backbones/tiny/ (or --out).\n\n"
+                    "  clip-tiny    image-text contrast against a tiny text tower on generated captions\n"
+                    "  dinov2-tiny  self-distillation between views with an EMA teacher (DINO + iBOT)\n"
+                    "  eva02-tiny   masked prediction of CLIP-tiny's features (needs clip-tiny first)\n"
+                    "  mae-tiny     masked-patch pixel reconstruction, 75% masked\n"
+                    "  sam-tiny     class-agnostic masks from point prompts (SAM's prompt encoder and decoder)\n\n"
+                    "The first run generates the pretraining world's pool of scenes into $FISHERTUNE_CACHE.")
+    tpre.add_argument("backbone", nargs="?", help="clip-tiny, dinov2-tiny, eva02-tiny, mae-tiny or sam-tiny")
+    tpre.add_argument("--all", action="store_true", help="every tiny model, in dependency order (CLIP before EVA-02)")
+    tpre.add_argument("--out", metavar="DIR", help="write here instead of the package's fishertune/backbones/tiny/ "
+                      "(EVA-02's CLIP teacher is then read from here too)")
+    tpre.add_argument("--steps", type=int, metavar="N", help="override the recipe's steps (changes its hash: the "
+                      "shipped models use the recipes' defaults)")
+    tpre.add_argument("--batch-size", type=int, metavar="N", help="override the recipe's batch size (changes its hash)")
+    tpre.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's)")
+    tpre.set_defaults(func=_cmd_tiny_pretrain)
+    tlist = tsub.add_parser("list", help="the shipped tiny models: recipe, steps, final loss, time, whether the card "
+                            "matches today's recipe and file")
+    tlist.set_defaults(func=_cmd_tiny_list)
+
     plot = sub.add_parser(
         "plot", help="draw the figures of finished cells (PNG and PDF)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -550,29 +662,34 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--results", default=DEFAULT_RESULTS, help="results root (default: %(default)s)")
     status.add_argument("--only", nargs="+", metavar="PATTERN", help="only cells whose id or row matches a glob")
     _subset_arg(status)
+    _seeds_arg(status)
     _tiny_arg(status)
     status.set_defaults(func=_cmd_status)
 
     reg = sub.add_parser(
-        "regression", help="check or update the stored per-class IoU of small manifests (CI regression)",
-        description="check: compare the finished cells of each MANIFEST with the per-class IoU stored in "
-                    "results/regression/<results name>.json (exit 1 when a number moved by more than "
-                    "--tolerance, or a cell is new or gone). update (alias write): store the finished cells' "
-                    "numbers on purpose, listing what moved; `git diff results/regression/` then shows which "
-                    "cells moved. With --run the pending cells run first. `tox -e regression` checks the four "
-                    "mini manifests; with a GPU runner, e.g. `fishertune regression update "
-                    "benchmarks/table1.yaml --subset 100 --run` stores numbers for a real-data subset.")
+        "regression", help="check or update the stored numbers of small manifests (CI regression)",
+        description="check: compare the finished cells of each MANIFEST with the numbers stored in "
+                    "results/regression/<results name>.json: per row and target the mIoU, and the per-class IoU of "
+                    "the stable classes, as means over the seeds both ran; exit 1 when one moved beyond its stored "
+                    "band, or a row is new, gone or changed. update (alias write): store the finished cells' numbers "
+                    "on purpose with what made them, listing what moved; with --spread, the bands come from how "
+                    "much the same cells move in those other environments (see fishertune/report/regression.py). "
+                    "With --run the pending cells run first. `tox -e regression` checks the mini manifests.")
     reg.add_argument("action", choices=("check", "update", "write"))
     reg.add_argument("manifest", nargs="+", help="YAML manifest(s), e.g. benchmarks/mini/table1.yaml")
     reg.add_argument("--run", action="store_true", help="run the pending cells first (finished ones are skipped)")
     reg.add_argument("--results", default=DEFAULT_RESULTS, help="results root (default: %(default)s)")
     reg.add_argument("--stored", help="regression file (default: results/regression/<results name>.json; one "
                      "manifest only)")
+    reg.add_argument("--spread", nargs="+", metavar="DIR",
+                     help="update: results roots holding the same cells run in other environments (another "
+                          "execution.threads, another torch minor version, another CPU); the bands are measured "
+                          "from them (without: from the spread over seeds)")
+    reg.add_argument("--jobs", type=int, metavar="N", help="with --run: cells at once (execution.jobs)")
     _cell_args(reg, "with --run: override the manifest's execution.device")
     _subset_arg(reg)
+    _seeds_arg(reg)
     _tiny_arg(reg)
-    reg.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                     help="allowed change in IoU points per class (default: %(default)s)")
     reg.set_defaults(func=_cmd_regression)
     return p
 
@@ -587,6 +704,7 @@ def one_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for what records its command
     try:
         return args.func(args)
     except UserError as e:

@@ -17,6 +17,8 @@ class Segmentor(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        #: the backbone's own weights, as built (before a tuning method adds modules or tokens to it)
+        self.backbone_weights: tuple[nn.Parameter, ...] = tuple(backbone.parameters())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         scores = self.head.predict(self.backbone.forward_features(images))

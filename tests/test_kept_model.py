@@ -1,9 +1,13 @@
 """Issue 20: a finished cell keeps its trained model; `export` packages it and `predict` reproduces the
-predictions the cell saved; a pretrained file other than the one trained on is refused in one line."""
+predictions the cell saved; a pretrained file other than the one trained on is refused in one line.
+
+The cells read a tiny DINOv2 checkpoint the tests write (``weights:`` in the manifest, the path a
+real run's file takes), so they need neither the shipped tiny models nor any download."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,7 +18,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from fishertune.backbones import BACKBONES, build_backbone
-from fishertune.backbones.dinov2 import load_dinov2
 from fishertune.cli import main
 from fishertune.data.labels import colourize
 from fishertune.report.params import parameter_rows
@@ -24,6 +27,8 @@ from fishertune.runner.model import INDICES, VALUES, load_model, model_dir
 from fishertune.runner.run import run_manifest
 from fishertune.runner.store import ResultStore, iter_results
 
+#: the pre-flight's fit check of a checkpoint on the meta device copies into meta tensors, which torch notes
+pytestmark = pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter")
 PROTOCOL = Path(__file__).resolve().parents[1] / "benchmarks" / "mini" / "protocol.yaml"
 #: one method of each kind of kept state: the whole backbone, a parametrization, tokens with the head's
 #: query hook, and two sparse deltas (a fixed mask; FisherTune's growing one)
@@ -49,11 +54,20 @@ def _manifest(folder: Path, name: str, synth_root: Path, synth_images: int, meth
     return path
 
 
+def _tiny_checkpoint(path: Path, seed: int) -> Path:
+    """A dinov2-tiny checkpoint in DINOv2's own layout (its loader's), drawn from ``seed``."""
+    vit = build_backbone("dinov2-tiny", pretrained=False, seed=seed, img_size=64).vit
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def kept(tmp_path_factory, synth_root, synth_images):
-    """The five cells run once (2 iterations), with each trained model's state as training left it."""
+    """The five cells run once (2 iterations) from a pretrained file, with each trained model's state as
+    training left it."""
     tmp = tmp_path_factory.mktemp("kept")
-    lm = load_manifest(_manifest(tmp, "kept", synth_root, synth_images))
+    weights = _tiny_checkpoint(tmp / "dinov2-tiny-7.safetensors", 7)
+    lm = load_manifest(_manifest(tmp, "kept", synth_root, synth_images, extra=f"weights: {{dinov2-tiny: {weights}}}\n"))
     trained = {}
     real_save = runner.save_model
 
@@ -65,7 +79,7 @@ def kept(tmp_path_factory, synth_root, synth_images):
         mp.setattr(runner, "save_model", save)
         assert {s for _, s in run_manifest(lm, str(tmp / "runs"), progress=False)} == {"done"}
     store = ResultStore(tmp / "runs", lm.results_name)
-    return {"tmp": tmp, "lm": lm, "store": store, "trained": trained,
+    return {"tmp": tmp, "lm": lm, "store": store, "trained": trained, "weights": weights,
             "cells": {c.method: (c, store.read(c.id)) for c in lm.cells()}}
 
 
@@ -87,8 +101,9 @@ def test_every_kind_of_method_is_rebuilt_bit_for_bit_from_its_kept_model(kept):
         assert card["cell_id"] == cell.id and card["config"] == result["config"]
         assert card["metrics"]["cityscapes"]["per_class_iou"] == result["targets"]["cityscapes"]["per_class_iou"]
         assert card["git"] == result["git"] and card["versions"] == result["versions"]
-        # today's dinov2-tiny has no pretrained file: drawn from the seed, and the card says so
-        assert card["pretrained"]["file"] is None and card["pretrained"]["seed"] == 42
+        weights = kept["weights"]
+        assert (card["pretrained"]["file"], card["pretrained"]["bytes"]) == (weights.name, weights.stat().st_size)
+        assert card["pretrained"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def test_the_kept_file_holds_what_trained_and_the_head_and_nothing_else(kept):
@@ -111,7 +126,8 @@ def test_the_kept_file_holds_what_trained_and_the_head_and_nothing_else(kept):
         else:  # dense: exactly the parameters that trained; the frozen pretrained ones only for full
             assert sum(tensors[n].numel() for n in backbone) == counted > 0
             assert (backbone == pretrained) if method == "full" else not backbone & pretrained
-        assert result["model"]["bytes"] == (kept["store"].dir / result["model"]["path"] / "model.safetensors").stat().st_size
+        file = kept["store"].dir / result["model"]["path"] / "model.safetensors"
+        assert result["model"]["bytes"] == file.stat().st_size
 
 
 def test_kept_size_from_the_meta_device_counts_is_the_files_tensor_bytes(kept):
@@ -135,7 +151,7 @@ def test_export_then_predict_gives_exactly_the_predictions_the_cell_saved(kept, 
         assert sorted(p.name for p in package.iterdir()) == ["README.md", "card.json", "model.safetensors"]
         readme = (package / "README.md").read_text()
         assert cell.id in readme and "the generated miniature" in readme
-        assert "drawn at random from seed 42" in readme and f"fishertune predict {package}" in readme
+        assert kept["weights"].name in readme and f"fishertune predict {package}" in readme
         saved = result["predictions"]["cityscapes"]
         images = [p["image"] for p in saved]
         out = tmp / "pred" / method
@@ -222,7 +238,7 @@ def test_model_cards_are_never_taken_for_results(kept):
 
 def test_keep_model_false_keeps_none_and_export_says_why(tmp_path, synth_root, synth_images, capsys):
     manifest = _manifest(tmp_path, "nokeep", synth_root, synth_images, ("freeze",),
-                         "execution: {keep_model: false}\n")
+                         "execution: {keep_model: false}\npretrained: false\n")
     lm = load_manifest(manifest)
     (cell,) = lm.cells()
     assert run_manifest(lm, str(tmp_path / "runs"), progress=False) == [(cell, "done")]
@@ -232,60 +248,30 @@ def test_keep_model_false_keeps_none_and_export_says_why(tmp_path, synth_root, s
     assert "execution.keep_model: false" in _one_error(capsys)
 
 
-@pytest.fixture
-def tiny_with_file(monkeypatch, tmp_path):
-    """dinov2-tiny as it will be once the tiny backbones ship pretrained files: its spec names a weights
-    file, loaded by DINOv2's own loader. Returns ``write(seed) -> path`` of such a file."""
-    spec = BACKBONES.get("dinov2-tiny")
-    monkeypatch.setitem(BACKBONES._items, "dinov2-tiny",
-                        dataclasses.replace(spec, weights="dinov2-tiny-test.safetensors", loader=load_dinov2))
-
-    def write(seed: int, name: str) -> Path:
-        vit = build_backbone("dinov2-tiny", pretrained=False, seed=seed, img_size=64).vit
-        path = tmp_path / name
-        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
-        return path
-
-    return write
-
-
-@pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter")  # the pre-flight fit check
-def test_predict_refuses_a_pretrained_file_other_than_the_one_trained_on(tiny_with_file, tmp_path, synth_root,
-                                                                         synth_images, capsys, monkeypatch):
+def test_predict_refuses_a_pretrained_file_other_than_the_one_trained_on(kept, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FISHERTUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("FISHERTUNE_WEIGHTS", raising=False)
-    good = tiny_with_file(7, "good.safetensors")
-    manifest = _manifest(tmp_path, "file", synth_root, synth_images, ("lora",),
-                         f"weights: {{dinov2-tiny: {good}}}\ntrain: {{iterations: 1}}\n")
-    lm = load_manifest(manifest)
-    (cell,) = lm.cells()
-    run_manifest(lm, str(tmp_path / "runs"), progress=False)
-    result = ResultStore(tmp_path / "runs", lm.results_name).read(cell.id)
+    cell, result = kept["cells"]["lora"]
     package = tmp_path / "pkg"
-    assert main(["export", cell.id, "--results", str(tmp_path / "runs"), "--out", str(package)]) == 0
-    card = json.loads((package / "card.json").read_text())
-    assert card["pretrained"]["file"] == "good.safetensors" and card["pretrained"]["bytes"] == good.stat().st_size
-    assert len(card["pretrained"]["sha256"]) == 64
-    readme = (package / "README.md").read_text()
-    assert "good.safetensors" in readme and card["pretrained"]["sha256"] in readme
+    assert main(["export", cell.id, "--results", str(kept["tmp"] / "runs"), "--out", str(package)]) == 0
     rec = result["predictions"]["cityscapes"][0]
-    image, out = rec["image"], tmp_path / "p"
+    image, good = rec["image"], kept["weights"]
 
     # the recorded file (still there) and the same bytes elsewhere are accepted, with the saved predictions
     copy = tmp_path / "copy.safetensors"
     copy.write_bytes(good.read_bytes())
     for weights in ([], ["--weights", str(copy)]):
-        assert main(["predict", str(package), image, "--out", str(out), *weights]) == 0
-        with Image.open(out / f"{Path(image).stem}_trainid.png") as a, \
-                Image.open(tmp_path / "runs" / lm.results_name / rec["prediction"]) as b:
+        assert main(["predict", str(package), image, "--out", str(tmp_path / "p"), *weights]) == 0
+        with Image.open(tmp_path / "p" / f"{Path(image).stem}_trainid.png") as a, \
+                Image.open(kept["store"].dir / rec["prediction"]) as b:
             assert (np.array(a) == np.array(b)).all()
     capsys.readouterr()
     # same size, other weights: refused by its hash; another size: refused by its size
-    other = tiny_with_file(8, "other.safetensors")
+    other = _tiny_checkpoint(tmp_path / "other.safetensors", 8)
     assert other.stat().st_size == good.stat().st_size
     assert main(["predict", str(package), image, "--out", str(tmp_path / "q"), "--weights", str(other)]) == 2
     line = _one_error(capsys)
-    assert "sha256" in line and "good.safetensors" in line and str(other) in line
+    assert "sha256" in line and good.name in line and str(other) in line
     short = tmp_path / "short.safetensors"
     save_file({"x": torch.zeros(3)}, str(short))
     assert main(["predict", str(package), image, "--out", str(tmp_path / "q"), "--weights", str(short)]) == 2
@@ -294,17 +280,46 @@ def test_predict_refuses_a_pretrained_file_other_than_the_one_trained_on(tiny_wi
     assert not (tmp_path / "q").exists()
 
 
-def test_a_model_trained_on_a_random_backbone_is_refused_once_the_backbone_has_a_file(kept, tiny_with_file, tmp_path,
-                                                                                     capsys, monkeypatch):
+def test_a_backbone_drawn_from_its_seed_is_drawn_again_and_refused_when_the_draw_changed(tmp_path, synth_root,
+                                                                                       synth_images, capsys,
+                                                                                       monkeypatch):
+    """A variant without a pretrained file (what the tiny ones were before they shipped files) is drawn
+    from the cell's seed: the card says so and predict draws it again; a changed draw, or the variant
+    gaining a file, is refused in one line."""
     monkeypatch.delenv("FISHERTUNE_WEIGHTS", raising=False)
-    _, result = kept["cells"]["lora"]
-    folder = kept["store"].dir / result["model"]["path"]
-    weights = tiny_with_file(7, "good.safetensors")
-    image = result["predictions"]["cityscapes"][0]["image"]
-    for given in ([], ["--weights", str(weights)]):  # with or without the file at hand: the same answer
-        assert main(["predict", str(folder), image, "--out", str(tmp_path / "p"), *given]) == 2
-        line = _one_error(capsys)
-        assert "drawn at random from seed 42" in line and "dinov2-tiny-test.safetensors" in line and "commit" in line
+    spec = BACKBONES.get("dinov2-tiny")
+    monkeypatch.setitem(BACKBONES._items, "dinov2-tiny", dataclasses.replace(spec, weights=None, loader=None,
+                                                                             shipped=False))
+    lm = load_manifest(_manifest(tmp_path, "seeded", synth_root, synth_images, ("lora",), "train: {iterations: 1}\n"))
+    (cell,) = lm.cells()
+    run_manifest(lm, str(tmp_path / "runs"), progress=False)
+    result = ResultStore(tmp_path / "runs", lm.results_name).read(cell.id)
+    folder = tmp_path / "runs" / lm.results_name / result["model"]["path"]
+    card = json.loads((folder / "card.json").read_text())
+    assert card["pretrained"]["file"] is None and card["pretrained"]["seed"] == 42
+    rec = result["predictions"]["cityscapes"][0]
+    assert main(["predict", str(folder), rec["image"], "--out", str(tmp_path / "p")]) == 0
+    with Image.open(tmp_path / "p" / f"{Path(rec['image']).stem}_trainid.png") as a, \
+            Image.open(tmp_path / "runs" / lm.results_name / rec["prediction"]) as b:
+        assert (np.array(a) == np.array(b)).all()
+    capsys.readouterr()
+
+    def drawn_otherwise(**kwargs):  # the same architecture, initialised by other code
+        model = spec.fn(**kwargs)
+        with torch.no_grad():
+            model.vit.cls_token.add_(1.0)
+        return model
+
+    patched = BACKBONES.get("dinov2-tiny")
+    monkeypatch.setitem(BACKBONES._items, "dinov2-tiny", dataclasses.replace(patched, fn=drawn_otherwise))
+    assert main(["predict", str(folder), rec["image"], "--out", str(tmp_path / "q")]) == 2
+    line = _one_error(capsys)
+    assert "drawn from seed 42 is not the backbone this model was trained on" in line and "commit" in line
+    monkeypatch.setitem(BACKBONES._items, "dinov2-tiny", spec)  # the variant as it is: with a pretrained file
+    assert main(["predict", str(folder), rec["image"], "--out", str(tmp_path / "q")]) == 2
+    line = _one_error(capsys)
+    assert "drawn at random from seed 42" in line and spec.weights in line
+    assert not (tmp_path / "q").exists()
 
 
 def test_the_report_of_a_run_folder_shows_every_cell_with_its_kept_model(kept, tmp_path):

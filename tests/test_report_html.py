@@ -18,6 +18,7 @@ from PIL import Image
 from fishertune.cli import main
 from fishertune.data import CLASSES
 from fishertune.report.html import data_badges, parse_cell, report_data, write_reports
+from fishertune.report.stats import estimate, welch
 from fishertune.report.table2 import table2_frame
 from fishertune.report.tables import _fmt, load_table_results, table1_frame
 
@@ -85,6 +86,11 @@ def test_cell_numbers_are_read_back_from_the_renderers_own_formats():
     assert parse_cell(_fmt(None, 55.1)) == (None, None)  # not run / paper
     assert parse_cell("0.79 / 0.79") == (0.79, None)  # parameters: ours / printed
     assert parse_cell("+1.2") == (1.2, 1.2) and parse_cell("-0.5") == (-0.5, -0.5)  # Table 2's difference row
+    # over seeds: mean +- std on our side; the column against the reference row is no difference to the paper
+    assert parse_cell(_fmt(12.34, 55.1, est=estimate([12.0, 12.68]))) == (12.3, -42.8)
+    assert parse_cell(welch(estimate([50.0, 51.0, 52.0]), estimate([49.0, 49.5, 50.0])).format()) == (1.5, None)
+    assert parse_cell(welch(estimate([50.0]), estimate([49.0])).format()) == (1.0, None)  # "+1.0 (n=1)"
+    assert parse_cell("reference") == (None, None)
     assert parse_cell("42.0") == (42.0, None) and parse_cell("n/a") == (None, None) and parse_cell("-") == (None, None)
 
 

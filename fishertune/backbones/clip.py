@@ -198,8 +198,9 @@ def clip_large_openclip(img_size: int = 512, patch_size: int = 16, drop_path_rat
                     drop_path_rate=drop_path_rate, **kwargs)
 
 
-@register_backbone("clip-tiny", family="clip")
+@register_backbone("clip-tiny", family="clip", weights="clip-tiny.safetensors", loader=load_clip, shipped=True)
 def clip_tiny(img_size: int = 64, patch_size: int = 8, drop_path_rate: float = 0.0, **kwargs) -> CLIPBackbone:
-    """The miniature's CLIP: the same open_clip tower with QuickGELU, 4 blocks of width 64, 4 heads."""
-    return clip_vit(img_size, patch_size, width=64, layers=4, heads=4, quick_gelu=True,
+    """The miniature's CLIP: the same open_clip tower with QuickGELU, 6 blocks of width 128, 4 heads; pretrained
+    image-text contrastively (``fishertune tiny pretrain clip-tiny``, :mod:`fishertune.pretrain.clip`)."""
+    return clip_vit(img_size, patch_size, width=128, layers=6, heads=4, quick_gelu=True,
                     drop_path_rate=drop_path_rate, **kwargs)

@@ -32,8 +32,9 @@ def dinov2_large(img_size: int = 512, patch_size: int = 16, **kwargs) -> TimmViT
     return TimmViTBackbone(timm_vit(img_size, patch_size, init_values=1e-5, **arch), family="dinov2")
 
 
-@register_backbone("dinov2-tiny", family="dinov2")
+@register_backbone("dinov2-tiny", family="dinov2", weights="dinov2-tiny.safetensors", loader=load_dinov2, shipped=True)
 def dinov2_tiny(img_size: int = 64, patch_size: int = 8, **kwargs) -> TimmViTBackbone:
-    """The miniature's DINOv2: the same timm class and block type, 4 blocks of width 64."""
-    arch = dict(embed_dim=64, depth=4, num_heads=4, **kwargs)
+    """The miniature's DINOv2: the same timm class and block type, 6 blocks of width 128, 4 heads; pretrained
+    by self-distillation (``fishertune tiny pretrain dinov2-tiny``, :mod:`fishertune.pretrain.dinov2`)."""
+    arch = dict(embed_dim=128, depth=6, num_heads=4, **kwargs)
     return TimmViTBackbone(timm_vit(img_size, patch_size, init_values=1e-5, **arch), family="dinov2")

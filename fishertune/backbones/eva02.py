@@ -209,9 +209,11 @@ def eva02_large(img_size: int = 512, patch_size: int = 16, drop_path_rate: float
     return Eva02Backbone(eva)
 
 
-@register_backbone("eva02-tiny", family="eva02")
+@register_backbone("eva02-tiny", family="eva02", weights="eva02-tiny.safetensors", loader=load_eva02, shipped=True)
 def eva02_tiny(img_size: int = 64, patch_size: int = 8, drop_path_rate: float = 0.0, **kwargs) -> Eva02Backbone:
-    """The miniature's EVA-02: the same timm class and options, 4 blocks of width 64, 4 heads."""
-    eva = eva02_model(img_size, patch_size, embed_dim=64, depth=4, num_heads=4, drop_path_rate=drop_path_rate,
+    """The miniature's EVA-02: the same timm class and options, 6 blocks of width 128, 4 heads; pretrained by
+    masked prediction of CLIP-tiny's features (``fishertune tiny pretrain eva02-tiny``,
+    :mod:`fishertune.pretrain.eva02`)."""
+    eva = eva02_model(img_size, patch_size, embed_dim=128, depth=6, num_heads=4, drop_path_rate=drop_path_rate,
                       **kwargs)
     return Eva02Backbone(eva)

@@ -21,18 +21,20 @@ class BackboneSpec:
     name: str
     family: str
     fn: Callable[..., Backbone]
-    weights: str | None = None  # official file name; None for the tiny variants (random init)
+    weights: str | None = None  # official file name (None: random init only)
     loader: Callable[[Backbone, Path], None] | None = None
+    shipped: bool = False  # the file ships inside the package (the tiny foundation models), not in $FISHERTUNE_WEIGHTS
 
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 
 
-def register_backbone(name: str, family: str, weights: str | None = None, loader=None):
-    """Decorator registering a variant function under ``name``."""
+def register_backbone(name: str, family: str, weights: str | None = None, loader=None, shipped: bool = False):
+    """Decorator registering a variant function under ``name``; a ``shipped`` variant's ``weights`` file
+    lies in ``fishertune/backbones/tiny/`` (see :mod:`fishertune.pretrain`)."""
 
     def wrap(fn):
-        BACKBONES.register(name, BackboneSpec(name, family, fn, weights, loader))
+        BACKBONES.register(name, BackboneSpec(name, family, fn, weights, loader, shipped))
         return fn
 
     return wrap
@@ -46,13 +48,13 @@ def build_backbone(
     where: str = "",
     **kwargs,
 ) -> Backbone:
-    """Build ``name``; load its official checkpoint when it has one and ``pretrained`` is true.
+    """Build ``name``; load its checkpoint (official, or the shipped tiny model) when ``pretrained`` is true.
 
-    Random initialisation (tiny variants, or ``pretrained=False``) is drawn from ``seed`` so that two
-    builds are identical.
+    Random initialisation (``pretrained=False``, or what a checkpoint leaves untouched) is drawn from
+    ``seed`` so that two builds are identical.
     """
     spec = BACKBONES.get(name, where)
-    path = resolve_weights(spec.weights, weights, name) if (spec.weights and pretrained) else None
+    path = weights_path(spec, weights) if pretrained else None
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -62,3 +64,10 @@ def build_backbone(
     if path is not None:
         spec.loader(model, path)
     return model
+
+
+def weights_path(spec: BackboneSpec, explicit: str | os.PathLike | None = None) -> Path | None:
+    """The checkpoint a pretrained build of ``spec`` reads (None when the variant has none)."""
+    if not spec.weights:
+        return None
+    return resolve_weights(spec.weights, explicit, spec.name, shipped=spec.shipped)

@@ -353,14 +353,17 @@ def sam_huge(img_size: int = 512, patch_size: int = 16, drop_path_rate: float = 
                 window_size=14, global_attn_indexes=(7, 15, 23, 31), **kwargs)
 
 
-@register_backbone("sam-tiny", family="sam")
+@register_backbone("sam-tiny", family="sam", weights="sam-tiny.safetensors", loader=load_sam, shipped=True)
 def sam_tiny(img_size: int = 64, patch_size: int = 8, drop_path_rate: float = 0.0, neck: bool = False,
              rel_pos_grid: int | None = None, **kwargs) -> SamBackbone:
-    """The miniature's SAM: the same classes, 4 blocks of width 64, 4 heads, global blocks 1 and 3.
+    """The miniature's SAM: the same classes, 6 blocks of width 128, 4 heads, global blocks 2 and 5;
+    pretrained on promptable class-agnostic masks (``fishertune tiny pretrain sam-tiny``,
+    :mod:`fishertune.pretrain.sam`).
 
     Window 3 (not 4) so that the 8x8 grid at 64 px is padded to 9x9 (3x3 windows), as SAM-H's 32x32
-    grid is padded to 42x42 (3x3 windows of 14) at 512; blocks 1 and 3 take the global path.
+    grid is padded to 42x42 (3x3 windows of 14) at 512; blocks 2 and 5 take the global path (every third
+    block, as SAM-H's every eighth).
     """
-    kwargs.setdefault("out_chans", 32)
-    return _sam(img_size, patch_size, drop_path_rate, neck, rel_pos_grid, embed_dim=64, depth=4, num_heads=4,
-                window_size=3, global_attn_indexes=(1, 3), **kwargs)
+    kwargs.setdefault("out_chans", 64)
+    return _sam(img_size, patch_size, drop_path_rate, neck, rel_pos_grid, embed_dim=128, depth=6, num_heads=4,
+                window_size=3, global_attn_indexes=(2, 5), **kwargs)

@@ -20,13 +20,24 @@ from fishertune.backbones.torchscript import is_torchscript_archive, read_torchs
 from fishertune.errors import UserError
 
 WEIGHTS_ENV = "FISHERTUNE_WEIGHTS"
+#: the tiny foundation models shipped inside the package (made by ``fishertune tiny pretrain``)
+TINY_DIR = Path(__file__).resolve().parent / "tiny"
 
 
-def resolve_weights(filename: str, explicit: str | os.PathLike | None, backbone: str) -> Path:
-    """Find a checkpoint: an explicit path (manifest field), else ``$FISHERTUNE_WEIGHTS/filename``."""
+def resolve_weights(filename: str, explicit: str | os.PathLike | None, backbone: str, shipped: bool = False) -> Path:
+    """Find a checkpoint: an explicit path (manifest field), else the package's own file for a shipped tiny
+    model, else ``$FISHERTUNE_WEIGHTS/filename``."""
     if explicit:
         path = Path(explicit).expanduser()
         where = "the manifest's weights entry"
+    elif shipped:
+        path = TINY_DIR / filename
+        if not path.is_file():
+            raise UserError(
+                f"backbone {backbone!r}: its pretrained tiny model {path} is missing from the package; make it "
+                f"with `fishertune tiny pretrain {backbone}` (or set `pretrained: false` for random weights)"
+            )
+        return path
     else:
         root = os.environ.get(WEIGHTS_ENV)
         if not root:
@@ -42,6 +53,17 @@ def resolve_weights(filename: str, explicit: str | os.PathLike | None, backbone:
             f"{filename} from the model's official release and put it there"
         )
     return path
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -8,15 +8,19 @@ from :mod:`fishertune.data.synthetic.styles`, cameras per domain below (Mapillar
 zoom, roll and aspect ratio; Cityscapes, BDD100K, ACDC: an ego-vehicle hood labelled 255 in some or
 all images).
 
-Counts: ``images`` per split for Cityscapes, BDD100K and Mapillary (train and val), per condition
-and split for ACDC, and ``2 * images`` for the GTAV source (train only). Consecutive images cycle
-through three groups of rarer classes and a scene is redrawn until its classes are visible
-(:func:`render`), so a split of three or more images normally holds all 19 classes.
+Counts: ``train_images`` for the two training sources (GTAV, Cityscapes train), ``images`` for every
+evaluation split (Cityscapes, BDD100K and Mapillary val, each ACDC condition's val) and for the
+training splits no manifest trains on (BDD100K, Mapillary, ACDC train), which exist for the layout.
+Consecutive images cycle through three groups of rarer classes and a scene is redrawn until its
+classes are visible (:func:`render`), so a split of three or more images normally holds all 19
+classes. Sizes are the real releases' divided by 7.5 (GTAV), 8 (Cityscapes, ACDC), 5 (BDD100K) or
+about 12 (Mapillary, whose frames vary).
 
 Every image's randomness comes from ``numpy.random.default_rng`` seeded by (seed, data set, split,
-group, index): the same seed writes byte-identical files. Data sets are written under
-``out/.tmp-<pid>/`` and renamed into place at the end; ``out/SYNTH.json`` (seed, images, version,
-counts) is written last, and a call whose marker matches returns at once.
+group, index): the same seed writes byte-identical files, whatever the number of worker processes
+writing them. Data sets are written under ``out/.tmp-<pid>/`` and renamed into place at the end;
+``out/SYNTH.json`` (seed, counts, version) is written last, and a call whose marker matches returns
+at once.
 """
 
 from __future__ import annotations
@@ -39,13 +43,13 @@ from fishertune.data.synthetic.styles import Layers, apply_style
 from fishertune.errors import UserError
 from fishertune.progress import bar, enabled
 
-VERSION = 1
+VERSION = 2  # 2: separate training-source counts, GTAV at 256 x 141
 DATASETS = ("gtav", "cityscapes", "bdd100k", "mapillary", "acdc")
 MARKER = "SYNTH.json"
 REPLACING = ".synth-replacing"  # present while data sets are being swapped into place
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 MAPILLARY_SIZES = ((320, 240), (320, 180), (288, 216), (300, 200), (256, 192), (192, 256), (240, 320))
-FIXED_SIZES = {"gtav": (192, 106), "cityscapes": (256, 128), "bdd100k": (256, 144), "acdc": (240, 135)}
+FIXED_SIZES = {"gtav": (256, 141), "cityscapes": (256, 128), "bdd100k": (256, 144), "acdc": (240, 135)}
 CITIES = {"train": ("aachen", "bremen"), "val": ("frankfurt", "munster")}
 ATTEMPTS = 8  # scene draws per image at most, until every class it should show is visible
 MIN_PIXELS = 4
@@ -103,15 +107,16 @@ def item_rng(seed: int, dataset: str, split: str, group: str, index: int, purpos
     return np.random.default_rng([seed, *words, index])
 
 
-def plan(seed: int, images: int) -> list[Item]:
-    """Every file pair of the miniature, in writing order."""
+def plan(seed: int, images: int, train_images: int | None = None) -> list[Item]:
+    """Every file pair of the miniature, in writing order (``train_images`` defaults to ``2 * images``)."""
+    train_images = 2 * images if train_images is None else train_images
     items: list[Item] = []
-    for i in range(2 * images):
+    for i in range(train_images):
         name = f"{i + 1:05d}"
         items.append(Item("gtav", "train", "", i, f"images/{name}.png", f"labels/{name}.png",
                           FIXED_SIZES["gtav"], "gtav"))
     for split in ("train", "val"):
-        for i in range(images):
+        for i in range(train_images if split == "train" else images):
             city = CITIES[split][i % 2]
             stem = f"{city}/{city}_000000_{19 + 20 * i:06d}"
             items.append(Item("cityscapes", split, "", i, f"leftImg8bit/{split}/{stem}_leftImg8bit.png",
@@ -246,17 +251,21 @@ def counts(items: list[Item]) -> dict[str, dict[str, int]]:
     return out
 
 
-def synthesize(out: Path, seed: int = 0, images: int = 12, progress: bool = True) -> dict[str, Path]:
-    """Write the miniature under ``out`` and return the root of each data set by name.
+def synthesize(out: Path, seed: int = 0, images: int = 12, progress: bool = True, train_images: int | None = None,
+               workers: int | None = None) -> dict[str, Path]:
+    """Write the miniature under ``out`` and return the root of each data set by name: ``images`` per
+    evaluation split, ``train_images`` (default ``2 * images``) per training source, rendered by
+    ``workers`` processes (default: the CPU's cores, at most 4; the files are the same for any number).
 
-    Returns at once if ``out/SYNTH.json`` records the same seed, images and version. Refuses (with
+    Returns at once if ``out/SYNTH.json`` records the same seed, counts and version. Refuses (with
     a :class:`UserError`) to replace data set folders in ``out`` that it did not write.
     """
-    if images < 1:
-        raise UserError(f"--images must be at least 1, got {images}")
+    train_images = 2 * images if train_images is None else train_images
+    if images < 1 or train_images < 1:
+        raise UserError(f"--images and --train-images must be at least 1, got {images} and {train_images}")
     out = Path(out)
     roots = {name: out / name for name in DATASETS}
-    params = {"seed": seed, "images": images, "version": VERSION}
+    params = {"seed": seed, "images": images, "train_images": train_images, "version": VERSION}
     marker = out / MARKER
     if _marker(marker) == params and all(root.is_dir() for root in roots.values()):
         return roots
@@ -269,10 +278,9 @@ def synthesize(out: Path, seed: int = 0, images: int = 12, progress: bool = True
     _remove_stale_tmp(out)
     tmp = out / f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    items = plan(seed, images)
+    items = plan(seed, images, train_images)
     try:
-        for item in bar(items, disable=not (progress and enabled()), desc="synth", unit="img"):
-            write_item(tmp, seed, item)
+        _write_items(tmp, seed, items, progress, workers or min(os.cpu_count() or 1, 4))
         (tmp / "mapillary" / "config_v1.2.json").write_text(json.dumps(mapillary_v12_config(), indent=2) + "\n")
         (out / REPLACING).write_text(json.dumps(params) + "\n")
         marker.unlink(missing_ok=True)
@@ -287,11 +295,33 @@ def synthesize(out: Path, seed: int = 0, images: int = 12, progress: bool = True
     return roots
 
 
+def _write_chunk(args: tuple[Path, int, list[Item]]) -> int:
+    root, seed, items = args
+    for item in items:
+        write_item(root, seed, item)
+    return len(items)
+
+
+def _write_items(root: Path, seed: int, items: list[Item], progress: bool, workers: int) -> None:
+    """Render and write ``items`` under ``root`` in ``workers`` processes (chunks of 16), with a progress bar."""
+    chunks = [(root, seed, items[a : a + 16]) for a in range(0, len(items), 16)]
+    with bar(total=len(items), disable=not (progress and enabled()), desc="synth", unit="img") as pbar:
+        if workers <= 1:
+            for chunk in chunks:
+                pbar.update(_write_chunk(chunk))
+            return
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            for done in pool.map(_write_chunk, chunks):
+                pbar.update(done)
+
+
 def _marker(path: Path) -> dict | None:
-    """The seed, images and version recorded in a marker, or None if absent or unreadable."""
+    """The seed, counts and version recorded in a marker, or None if absent or unreadable."""
     try:
         data = json.loads(path.read_text())
-        return {k: data[k] for k in ("seed", "images", "version")}
+        return {k: data[k] for k in ("seed", "images", "train_images", "version")}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -1,13 +1,18 @@
 """AdamW with Rein's parameter groups, and the poly learning-rate schedule.
 
 Rein (mmseg ``paramwise_cfg``): weight decay 0.05 except on normalisation layers, position/level/query
-embeddings, learnable tokens and scales, which get none. Biases decay (mmseg's default). The
+embeddings, learnable tokens and scales, which get none. Biases decay (mmseg's default). A protocol may
+train the backbone's own weights (those it had before a method added any) at a fraction of the rate
+(``train.backbone_lr_mult``: 1 in the paper's protocol; the miniature's is below 1, see
+``benchmarks/mini/protocol.yaml``), as DETR and Mask2Former do with their ImageNet backbones. The
 schedule is mmseg's ``PolyLR(power=0.9, eta_min=0)`` over the run's iterations, no warm-up unless
 asked for (linear, from 1e-6 of the base rate). Methods that train chosen elements only (sparse
 indices) get :class:`~fishertune.fisher.sparse.SparseAdamW` with the same groups.
 """
 
 from __future__ import annotations
+
+from typing import Collection
 
 import torch
 from torch import nn
@@ -31,29 +36,33 @@ def _no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups of trainable parameters: with and without weight decay."""
+def param_groups(model: nn.Module, weight_decay: float, scaled: Collection[nn.Parameter] = (),
+                 lr_mult: float = 1.0) -> list[dict]:
+    """Groups of trainable parameters: with and without weight decay, and, when ``lr_mult`` is not 1, the
+    parameters in ``scaled`` (the backbone's own weights) apart with that learning-rate multiplier."""
     no_decay = _no_decay_names(model)
-    decay, plain = [], []
+    slow = {id(p) for p in scaled} if lr_mult != 1.0 else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(d, s): [] for s in (False, True) for d in (True, False)}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (plain if name in no_decay else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": plain, "weight_decay": 0.0},
-    ]
+            groups[(name not in no_decay, id(p) in slow)].append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_mult": lr_mult if slow_ else 1.0}
+            for (decay, slow_), params in groups.items() if params or not slow_]
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                    sparse: dict[str, torch.Tensor] | None = None) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups` (fused on CUDA).
+                    sparse: dict[str, torch.Tensor] | None = None, scaled: Collection[nn.Parameter] = (),
+                    lr_mult: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups` (fused on CUDA); the parameters in ``scaled`` train at ``lr * lr_mult``.
 
     ``sparse`` maps parameter names (as in ``model.named_parameters()``) to the flat element indices at
     which they train (a method's ``sparse_indices``); with any entry the optimizer is a
     :class:`~fishertune.fisher.sparse.SparseAdamW` with the same groups, whose state exists only for
     those elements. Every name must be a trainable parameter of ``model``.
     """
-    groups = [g for g in param_groups(model, weight_decay) if g["params"]]
+    groups = [g for g in param_groups(model, weight_decay, scaled, lr_mult) if g["params"]]
+    for g in groups:
+        g["lr"] = lr * g.pop("lr_mult")
     fused = all(p.is_cuda for g in groups for p in g["params"])
     if not sparse:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)

@@ -170,14 +170,15 @@ def _check_window(window: torch.Tensor, n: int, first_it: int, last_finite: tupl
 def train(segmentor: torch.nn.Module, method, dataset, transform: TrainTransform, *, iterations: int, batch_size: int,
           lr: float, weight_decay: float, poly_power: float, warmup: int, seed: int, device: torch.device,
           num_workers: int = 0, log_every: int = 50, desc: str = "train", precision: str = "fp32",
-          compile: bool = False, checkpoint: Checkpoint | None = None) -> TrainStats:
+          compile: bool = False, checkpoint: Checkpoint | None = None, backbone_lr_mult: float = 1.0) -> TrainStats:
     """Train ``segmentor`` in place for ``iterations`` steps and return the loss log.
 
     With ``checkpoint``, the state is saved every ``checkpoint.every`` iterations, and a run that finds
     one continues from it, ending exactly where an uninterrupted run ends."""
     rank, world_size = world()
     segmentor.train()
-    optimizer = build_optimizer(segmentor, lr=lr, weight_decay=weight_decay, sparse=method.sparse_indices(segmentor))
+    optimizer = build_optimizer(segmentor, lr=lr, weight_decay=weight_decay, sparse=method.sparse_indices(segmentor),
+                                scaled=getattr(segmentor, "backbone_weights", ()), lr_mult=backbone_lr_mult)
     scheduler = build_scheduler(optimizer, iterations, poly_power, warmup)
     stats = TrainStats(iterations=iterations, seconds=0.0)
     start, last_finite, elapsed = 0, None, 0.0

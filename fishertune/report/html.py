@@ -67,7 +67,9 @@ def _table_blocks(table: str, results: list[dict]) -> list[dict[str, Any]]:
     """The table as the page shows it: per target block (Table 2) or one block, its columns and its
     groups of rows (one row each; Table 2: ours, paper, difference), every cell ``{text, sort, diff}``."""
     frame, _ = FRAMES[table](results)
-    cell_of = {(r["backbone"], r["row"]): r["cell_id"] for r in results}
+    cell_of: dict[tuple[str, str], str] = {}  # a row's cell (its first seed's, when it has several)
+    for r in sorted(results, key=lambda r: r.get("seed") or 0):
+        cell_of.setdefault((r["backbone"], r["row"]), r["cell_id"])
     if "Target" in frame.index.names:
         blocks = [(t, frame.xs(t, level="Target")) for t in dict.fromkeys(frame.index.get_level_values("Target"))]
     else:
@@ -103,10 +105,15 @@ def _heatmaps(done: list[dict]) -> list[dict[str, Any]]:
     """Per target, the per-class IoU of every finished cell (rows: backbone x method, in the tables' order)."""
     targets = list(dict.fromkeys(t for r in done for t in r["config"]["targets"]))
     backbones = _backbone_order(done)
-    ordered = sorted(done, key=lambda r: (backbones.index(r["backbone"]), _row_order(r), r["cell_id"]))
+    ordered = sorted(done, key=lambda r: (backbones.index(r["backbone"]), _row_order(r), r.get("seed") or 0,
+                                          r["cell_id"]))
+    seeds: dict[tuple[str, str], set] = {}
+    for r in done:
+        seeds.setdefault((r["backbone"], r["row"]), set()).add(r.get("seed"))
     maps = []
     for target in targets:
-        rows = [{"backbone": r["backbone"], "row": r["row"], "cell_id": r["cell_id"],
+        rows = [{"backbone": r["backbone"], "row": r["row"], "cell_id": r["cell_id"], "seed": r.get("seed"),
+                 "label": r["row"] + ("" if len(seeds[(r["backbone"], r["row"])]) == 1 else f" (seed {r.get('seed')})"),
                  "miou": r["targets"][target]["miou"],
                  "iou": [r["targets"][target]["per_class_iou"].get(c) for c in CLASSES]}
                 for r in ordered if target in r.get("targets", {})]
@@ -157,7 +164,9 @@ def report_data(folder: Path) -> dict[str, Any]:
         if table not in FRAMES:
             continue
         _, notes = FRAMES[table](results)
-        tables.append({"table": table, "caption": caption(table, results), "notes": notes,
+        # the frames compare with each backbone's full row when there is one, and the renderers say so
+        reference = "full" if table != "table2" and "full" in {r["row"] for r in results} else None
+        tables.append({"table": table, "caption": caption(table, results, reference), "notes": notes,
                        "blocks": _table_blocks(table, results)})
     everything = [r for _, r in records]
     man = (done or everything)[0]["manifest"]

@@ -36,7 +36,7 @@ from fishertune.backbones import BACKBONES
 from fishertune.data.labels import CLASSES, NUM_CLASSES, PALETTE, colourize
 from fishertune.errors import UserError
 from fishertune.report.paper import PAPER_BACKBONE, paper_table
-from fishertune.report.tables import DATA_KIND, METHOD_ORDER, _route, load_table_results
+from fishertune.report.tables import DATA_KIND, METHOD_ORDER, _route, load_table_results, miniature_counts
 from fishertune.runner.store import atomic_write, iter_results
 
 __all__ = ["DEFAULT_METHODS", "colourize", "colours", "data_line", "plot_results", "plot_per_class",
@@ -99,8 +99,7 @@ def data_line(results: list[dict]) -> str:
     kind = man["data_kind"]
     if kind == "miniature":
         cfg = r["config"]["data"]
-        text = (f"MINIATURE: {DATA_KIND[kind]}, synth seed {cfg['synth_seed']}, "
-                f"{cfg['synth_images']} images per split")
+        text = f"MINIATURE: {DATA_KIND[kind]}, {miniature_counts(cfg)}"
     elif man.get("data_generated"):
         text = "GENERATED data in the real layouts (fishertune data synth), not the real data sets"
     else:

@@ -1,18 +1,33 @@
-"""Stored per-class IoU of a small manifest, and the check that a change did not move it.
+"""Stored numbers of small manifests and the check that a change moved them: a measuring instrument.
 
-``fishertune regression update MANIFEST`` stores, for every cell of the manifest, the per-class IoU of
-each target (percent) in ``results/regression/<results name>.json`` and lists what moved against the
-numbers stored before (``git diff`` of that file shows the same, cell by cell). ``fishertune regression
-check`` compares finished cells against it and lists every number that moved by more than the
-tolerance; a cell missing on either side is a failure too (its config, hence its id, changed: update).
-``--run`` runs the pending cells first, so one command checks a manifest from scratch (``tox -e
-regression``: the four mini manifests; on a GPU runner e.g. ``benchmarks/table1.yaml --subset 100``).
+``fishertune regression update MANIFEST`` stores, per row of the grid (a backbone and a method row,
+over the seeds that ran) and per target, the mean mIoU over seeds and the per-class IoU, with what
+made them (machine, torch, threads) in ``results/regression/<results name>.json``. With ``--spread
+DIR ...`` (the same cells run in other environments: another thread count, another torch minor
+version in another venv, another CPU) it also stores, per statistic, how much the environment moves
+it, and from that a **band**: the largest change the check lets pass.
+
+The band. Rerunning the same seeds elsewhere changes only float rounding; each environment's
+deviation ``d`` from the stored run estimates ``2 sigma^2 = d^2`` for that statistic. The estimate of
+one row is pooled with the mean over all rows of its kind (mIoU, or a class's IoU) as ``prior_weight``
+pseudo-observations (a statistic seen in two environments is not known well enough to trust alone), and
+the check of ``n`` fresh seeds against the stored mean of ``n`` allows
+``band = max(floor, z * sigma * sqrt(2 / n))``; ``z = 3.5`` keeps the chance of a false alarm over the
+hundred-odd statistics of a mini manifest near 5% (Bonferroni). Without ``--spread`` the seeds' own
+standard deviation stands in for ``sigma`` (an upper bound: reseeding moves more than rounding).
+
+What is compared: each row's per-target and aggregate mIoU (always) and the per-class IoU of the
+classes whose ``sigma`` is at most ``class_max_sigma`` (stable classes; a class that flips between 0
+and 40 when the last bits change says nothing), as means over the seeds both sides ran (the stored
+file keeps every seed's value). ``check`` lists every statistic outside its band and every row missing
+on either side or whose cells changed (its config, hence its cells' ids, changed: update).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +36,17 @@ from fishertune.runner.manifest import LoadedManifest
 from fishertune.runner.store import ResultStore, atomic_write_text
 
 REGRESSION_DIR = Path("results") / "regression"
-# IoU points a class may move before `regression check` fails. Rerunning a mini cell with the same
-# CPU thread count (the mini protocol fixes 2) gives bit-identical numbers on this 2-core CI machine;
-# halving the learning rate moved 16 of the full cell's 57 per-class numbers by more than 0.5 points
-# (up to 6.8; measured on an earlier version of the miniature). A different thread count or CPU changes the last bits, which 400 steps of a tiny random
-# model amplify (sam-tiny freeze, GTAV -> Cityscapes mIoU: 11.81 with 2 threads, 11.88 with 1; 9.90 and
-# 11.77 under the previous version's training stream), so
-# stored numbers are only comparable on the kind of machine that wrote them; 0.5 is for that
-# machine, above nothing and below any change worth noticing.
-DEFAULT_TOLERANCE = 0.5
+SCHEMA = 2
+#: the band rule (see the module docstring); stored with the numbers it was applied to
+RULE = {"z": 3.5, "floor_miou": 0.3, "floor_class": 1.0, "class_max_sigma": 2.0, "prior_weight": 2.0}
 
 
-def collect(lm: LoadedManifest, results: str | Path, only: list[str] | None = None) -> dict[str, Any]:
-    """Per-class IoU of every cell of the manifest (or of those ``only`` selects), from its finished results."""
+def _results(lm: LoadedManifest, results: str | Path, only: list[str] | None) -> dict[str, dict[str, Any]]:
+    """Finished results of the selected cells, by cell id; a missing or failed cell is a user error."""
     from fishertune.runner.run import select_cells
 
     store = ResultStore(results, lm.results_name)
-    cells = {}
+    out = {}
     for cell in select_cells(lm.cells(), only):
         path = store.path(cell.id)
         if not path.is_file():
@@ -46,72 +55,181 @@ def collect(lm: LoadedManifest, results: str | Path, only: list[str] | None = No
         if r.get("status", "done") != "done":
             raise UserError(f"cell {cell.id} failed ({r.get('failure', {}).get('reason', 'no reason recorded')}); "
                             "it has no numbers to compare")
-        cells[cell.id] = {
-            "backbone": cell.backbone, "row": cell.row, "aggregate": r["aggregate"]["miou"],
-            "targets": {t: {"miou": v["miou"], "per_class_iou": v["per_class_iou"]} for t, v in r["targets"].items()},
-        }
-    return {"manifest": lm.manifest.name, "version": lm.manifest.version, "cells": cells}
+        out[cell.id] = r
+    return out
+
+
+def _statistics(r: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """``{target: {"miou": x, <class>: iou, ...}}`` of one result, plus ``aggregate``."""
+    out = {t: {"miou": v["miou"], **v["per_class_iou"]} for t, v in r["targets"].items()}
+    out["aggregate"] = {"miou": r["aggregate"]["miou"]}
+    return out
+
+
+def _rows(results: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Results grouped by row key ``backbone--row`` (the seeds of one grid row)."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for r in results.values():
+        rows.setdefault(f"{r['backbone']}--{r['row']}", []).append(r)
+    return rows
+
+
+def environment(r: dict[str, Any]) -> dict[str, Any]:
+    """What made a result: its device string (CPU and threads), torch and Python versions."""
+    return {"device": r.get("device"), "torch": r.get("versions", {}).get("torch"),
+            "python": r.get("versions", {}).get("python")}
+
+
+def build(lm: LoadedManifest, results: str | Path, spreads: list[str | Path] = (), only: list[str] | None = None,
+          rule: dict[str, float] = RULE) -> dict[str, Any]:
+    """The stored record of the selected cells of ``results`` with the bands the ``spreads`` give."""
+    main = _results(lm, results, only)
+    others = [_results(lm, s, only) for s in spreads]
+    # squared deviations per (row, target, statistic), and pooled per kind ("miou" or a class name)
+    deviations: dict[tuple[str, str, str], list[float]] = {}
+    for other in others:
+        for cell_id, r in main.items():
+            a, b = _statistics(r), _statistics(other[cell_id])
+            key_row = f"{r['backbone']}--{r['row']}"
+            for target, values in a.items():
+                for stat, x in values.items():
+                    y = b[target].get(stat)
+                    if x is None or y is None:
+                        continue
+                    deviations.setdefault((key_row, target, stat), []).append((x - y) ** 2 / 2)
+    pooled: dict[str, list[float]] = {}
+    for (_, _, stat), sq in deviations.items():
+        pooled.setdefault(stat, []).extend(sq)
+    prior = {stat: statistics.fmean(v) for stat, v in pooled.items()}
+
+    def sigma(row: str, target: str, stat: str, seed_values: list[float]) -> float | None:
+        sq = deviations.get((row, target, stat))
+        if sq is not None:
+            w = rule["prior_weight"]
+            return math.sqrt((sum(sq) + w * prior[stat]) / (len(sq) + w))
+        if len(seed_values) > 1:
+            return statistics.stdev(seed_values)
+        return None
+
+    groups = {}
+    for row, members in _rows(main).items():
+        members.sort(key=lambda r: r["seed"])
+        stats = [_statistics(r) for r in members]
+        targets = {}
+        for target in stats[0]:
+            entry = {}
+            for stat in stats[0][target]:
+                values = [s[target][stat] for s in stats if s[target].get(stat) is not None]
+                if len(values) != len(stats):  # absent in some seed: not a stable statistic
+                    continue
+                s = sigma(row, target, stat, values)
+                is_miou = stat == "miou"
+                if not is_miou and (s is None or s > rule["class_max_sigma"]):
+                    continue
+                entry[stat] = {"values": {str(r["seed"]): v for r, v in zip(members, values)}, "sigma": s}
+            targets[target] = entry
+        groups[row] = {"backbone": members[0]["backbone"], "row": members[0]["row"],
+                       "cells": {str(r["seed"]): r["cell_id"] for r in members}, "targets": targets}
+    made = [environment(next(iter(main.values())))] + [environment(next(iter(o.values()))) for o in others if o]
+    return {"schema": SCHEMA, "manifest": lm.manifest.name, "version": lm.manifest.version, "rule": dict(rule),
+            "made_with": made[0], "spread_from": made[1:], "rows": groups}
+
+
+def band(entry: dict[str, Any], stat: str, n: int, rule: dict[str, float]) -> float:
+    """The largest change of ``stat`` the check lets pass for a mean over ``n`` fresh seeds."""
+    floor = rule["floor_miou"] if stat == "miou" else rule["floor_class"]
+    s = entry.get("sigma")
+    if s is None:
+        return floor
+    return max(floor, rule["z"] * s * math.sqrt(2 / n))
+
+
+def compare(stored: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
+    """Every stored statistic of a row present in ``fresh`` that moved beyond its band, and every row or
+    seed present on one side only."""
+    if stored.get("schema") != SCHEMA:
+        raise UserError(f"stored regression numbers of schema {stored.get('schema')}, this version reads {SCHEMA}; "
+                        "store them again with `fishertune regression update`")
+    rule = stored["rule"]
+    problems = []
+    for row in sorted(set(stored["rows"]) | set(fresh["rows"])):
+        if row not in fresh["rows"]:
+            problems.append(f"{row}: stored but not in this run")
+            continue
+        if row not in stored["rows"]:
+            problems.append(f"{row}: new row with no stored numbers (regression update to store them)")
+            continue
+        old, new = stored["rows"][row], fresh["rows"][row]
+        seeds = sorted(set(old["cells"]) & set(new["cells"]), key=int)
+        if not seeds:
+            problems.append(f"{row}: no seed in common with the stored ones ({', '.join(old['cells'])}); run those "
+                            "seeds, or update")
+            continue
+        changed = [s for s in seeds if old["cells"][s] != new["cells"][s]]
+        if changed:
+            problems.append(f"{row}: seed {changed[0]} is cell {new['cells'][changed[0]]} now, "
+                            f"{old['cells'][changed[0]]} when stored: its config changed; update")
+            continue
+        for target, entries in old["targets"].items():
+            for stat, e in entries.items():
+                value = new["targets"].get(target, {}).get(stat)
+                if value is None:
+                    problems.append(f"{row} {target} {stat}: stored, absent now")
+                    continue
+                before = statistics.fmean(e["values"][s] for s in seeds)
+                now = statistics.fmean(value["values"][s] for s in seeds)
+                b = band(e, stat, len(seeds), rule)
+                if abs(now - before) > b:
+                    problems.append(f"{row} {target} {stat}: {before:.2f} -> {now:.2f} ({now - before:+.2f}, band "
+                                    f"{b:.2f}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+    return problems
+
+
+def fresh_record(lm: LoadedManifest, results: str | Path, only: list[str] | None = None) -> dict[str, Any]:
+    """The selected cells' means in the stored record's shape (every class kept, no sigma)."""
+    return build(lm, results, only=only, rule={**RULE, "class_max_sigma": math.inf})
 
 
 def stored_path(lm: LoadedManifest, stored: str | Path | None = None) -> Path:
     return Path(stored) if stored else REGRESSION_DIR / f"{lm.results_name}.json"
 
 
-def write(lm: LoadedManifest, results: str | Path, out: str | Path | None = None) -> Path:
-    path = stored_path(lm, out)
-    atomic_write_text(path, json.dumps(collect(lm, results), indent=1, sort_keys=True) + "\n")
-    return path
+def read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read stored regression numbers ({e}); restore it from git or store new "
+                        "ones with `fishertune regression update`") from None
 
 
-def update(lm: LoadedManifest, results: str | Path, tolerance: float, out: str | Path | None = None,
+def update(lm: LoadedManifest, results: str | Path, spreads: list[str | Path] = (), out: str | Path | None = None,
            only: list[str] | None = None) -> tuple[Path, list[str]]:
-    """Store the finished cells' numbers on purpose and say what moved (by more than ``tolerance``)
-    against what was stored before. With ``only``, the other stored cells are kept as they were; cells
-    of the manifest no longer in the grid are dropped (their config changed)."""
+    """Store the finished cells' numbers and bands on purpose, and say what moved beyond the old bands.
+    With ``only``, the other stored rows are kept as they were."""
     path = stored_path(lm, out)
-    fresh = collect(lm, results, only)
-    old = json.loads(path.read_text())["cells"] if path.is_file() else {}
-    grid = {c.id for c in lm.cells()}
-    compared = {c: v for c, v in old.items() if c in fresh["cells"]} if only else old
-    moved = compare({"cells": compared}, fresh, tolerance) if path.is_file() else []
-    cells = {**({c: v for c, v in old.items() if c in grid} if only else {}), **fresh["cells"]}
-    atomic_write_text(path, json.dumps({**fresh, "cells": cells}, indent=1, sort_keys=True) + "\n")
+    new = build(lm, results, spreads, only)
+    moved: list[str] = []
+    if path.is_file():
+        old = read(path)
+        if old.get("schema") == SCHEMA:
+            moved = compare({**old, "rows": {k: v for k, v in old["rows"].items() if k in new["rows"]}}, new)
+            if only:
+                grid = {f"{c.backbone}--{c.row}" for c in lm.cells()}
+                new["rows"] = {**{k: v for k, v in old["rows"].items() if k in grid}, **new["rows"]}
+    atomic_write_text(path, json.dumps(new, indent=1, sort_keys=True) + "\n")
     return path, moved
 
 
-def compare(stored: dict[str, Any], fresh: dict[str, Any], tolerance: float) -> list[str]:
-    """Every difference larger than ``tolerance`` IoU points, and every cell or class that differs in kind."""
-    problems = []
-    for cell_id in sorted(set(stored["cells"]) | set(fresh["cells"])):
-        if cell_id not in fresh["cells"]:
-            problems.append(f"{cell_id}: stored but not in this run")
-            continue
-        if cell_id not in stored["cells"]:
-            problems.append(f"{cell_id}: new cell with no stored numbers (regression write to store them)")
-            continue
-        a, b = stored["cells"][cell_id]["targets"], fresh["cells"][cell_id]["targets"]
-        for target in sorted(set(a) | set(b)):
-            if target not in a or target not in b:
-                problems.append(f"{cell_id} {target}: target present on one side only")
-                continue
-            for cls, old in a[target]["per_class_iou"].items():
-                new = b[target]["per_class_iou"].get(cls)
-                if (old is None) != (new is None):
-                    problems.append(f"{cell_id} {target} {cls}: {old} -> {new}")
-                elif old is not None and not math.isclose(old, new, abs_tol=tolerance):
-                    problems.append(f"{cell_id} {target} {cls}: {old:.2f} -> {new:.2f} ({new - old:+.2f})")
-    return problems
-
-
-def check(lm: LoadedManifest, results: str | Path, tolerance: float, stored: str | Path | None = None,
+def check(lm: LoadedManifest, results: str | Path, stored: str | Path | None = None,
           only: list[str] | None = None) -> list[str]:
-    """Differences between the stored numbers and the finished results, over the cells ``only`` selects
-    (all by default; stored cells outside the selection are not compared)."""
+    """Statistics of the finished cells ``only`` selects that moved beyond the stored bands (stored rows
+    outside the selection are not compared)."""
     path = stored_path(lm, stored)
     if not path.is_file():
-        raise UserError(f"no stored regression numbers at {path}; create them with `fishertune regression write {lm.path}`")
-    fresh = collect(lm, results, only)
-    old = json.loads(path.read_text())
+        raise UserError(f"no stored regression numbers at {path}; create them with "
+                        f"`fishertune regression update {lm.path}`")
+    old = read(path)
+    fresh = fresh_record(lm, results, only)
     if only:
-        old = {**old, "cells": {c: v for c, v in old["cells"].items() if c in fresh["cells"]}}
-    return compare(old, fresh, tolerance)
+        old = {**old, "rows": {k: v for k, v in old.get("rows", {}).items() if k in fresh["rows"]}}
+    return compare(old, fresh)

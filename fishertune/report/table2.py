@@ -25,7 +25,8 @@ import pandas as pd
 from fishertune.backbones import BACKBONES
 from fishertune.data import CLASSES
 from fishertune.report.paper import PAPER_BACKBONE, paper_table
-from fishertune.report.tables import (METHOD_ORDER, SHORT, caption, latex_escape, load_table_results,
+from fishertune.report.stats import Estimate
+from fishertune.report.tables import (METHOD_ORDER, SHORT, caption, latex_escape, load_table_results, merge_seeds,
                                       table_dir, to_latex, to_markdown, write_table)
 
 #: the paper's column headers (Rein's and FisherTune's Table 2 abbreviations), in train-id order
@@ -63,8 +64,10 @@ def class_mean_mismatch(p: dict) -> float | None:
     return mean if abs(mean - float(p["miou"])) > TOLERANCE_CLASS_MEAN else None
 
 
-def _three_rows(ours: dict | None, paper: dict | None, params: float | None, marks: dict[str, str]) -> list[dict]:
-    """The ours / paper / difference rows of one method in one target block (values as strings)."""
+def _three_rows(ours: dict | None, paper: dict | None, params: float | None, marks: dict[str, str],
+                est: Estimate | None = None) -> list[dict]:
+    """The ours / paper / difference rows of one method in one target block (values as strings); with
+    several seeds (``est``), our mIoU as ``mean ± std``."""
     run = ours is not None
     o_row = {"Params (M)": "not run" if params is None else f"{params:.2f}"}
     p_row = {"Params (M)": "-" if paper is None else f"{float(paper['trainable_params_m']):.2f}"}
@@ -81,13 +84,17 @@ def _three_rows(ours: dict | None, paper: dict | None, params: float | None, mar
         p = None if paper is None else float(paper["miou" if cls is None else PAPER_COLUMN[cls]])
         absent = run and o is None  # a class with no pixels in the target (IoU null)
         o_row[header] = "not run" if not run else ("n/a" if absent else _num(o))
+        if run and cls is None and est is not None and est.n > 1:
+            o_row[header] = est.format(n=False)
         p_row[header] = "-" if p is None else _num(p) + marks.get(header, "")
         d_row[header] = "-" if p is None or not run else ("n/a" if absent else _num(o - p, signed=True))
     return [o_row, p_row, d_row]
 
 
 def table2_frame(results: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[str]]:
-    """The Table 2 frame (index: target, backbone, method, row; row one of ``ROWS``) and its footnotes."""
+    """The Table 2 frame (index: target, backbone, method, row; row one of ``ROWS``) and its footnotes; a
+    method's numbers are the means over its finished seeds (per class too; see ``merge_seeds``)."""
+    results = merge_seeds(results)
     paper_order = list(dict.fromkeys(paper_table("table2").backbone))  # the paper's backbone order
     family_of = {PAPER_BACKBONE[f]: f for f in PAPER_BACKBONE}
     rank = {family_of[b]: i for i, b in enumerate(paper_order)}
@@ -123,10 +130,14 @@ def table2_frame(results: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[str]
                         relabel.append(RELABELLED[(target, paper["backbone"])])
                 ours = None if r is None else r["targets"].get(target)
                 params = None if r is None else r["params"]["backbone_trainable"] / 1e6
-                three = _three_rows(ours, paper, params, marks)
+                est = None if r is None else r["estimates"].get(target)
+                three = _three_rows(ours, paper, params, marks, est)
                 for kind, values in zip(ROWS, three):
                     rows.append({"Target": target, "Backbone": backbone, "Method": row, "Row": kind} | values)
     notes = mismatch_notes + list(dict.fromkeys(relabel))
+    if any(len(r["seeds"]) > 1 for r in results):
+        notes.append("ours: the mean over the finished seeds of each class's IoU and of the mIoU (± the standard "
+                     "deviation of the mIoU over seeds).")
     if "acdc" in targets:
         conditions = sorted({g for r in results for g in r["targets"].get("acdc", {}).get("groups", {})})
         which = f" ({', '.join(conditions)})" if conditions else ""
@@ -188,9 +199,11 @@ def _latex(df: pd.DataFrame, title: str, notes: list[str]) -> str:
     return text
 
 
-def render_table2(results_dir: str | Path, out_dir: str | Path | None = None, manifest: str | None = None) -> list[Path]:
+def render_table2(results_dir: str | Path, out_dir: str | Path | None = None, manifest: str | None = None,
+                  reference: str | None = None) -> list[Path]:
     """Write ``table2.md`` and ``table2.tex`` where :func:`~fishertune.report.tables.table_dir` puts a table
-    (miniature: ``results/tables/mini/`` unless ``out_dir`` is given)."""
+    (miniature: ``results/tables/mini/`` unless ``out_dir`` is given). Table 2 is per class: it has no
+    comparison column (``reference`` is accepted for a uniform renderer signature and not used)."""
     results = load_table_results(results_dir, "table2", manifest)
     df, notes = table2_frame(results)
     title = caption("table2", results)

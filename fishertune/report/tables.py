@@ -17,21 +17,88 @@ import pandas as pd
 from fishertune.backbones import BACKBONES
 from fishertune.errors import UserError
 from fishertune.report.paper import PAPER_BACKBONE, inconsistent_average, paper_row, paper_table
+from fishertune.report.stats import LEVEL, TEST_NAME, Estimate, estimate, welch
 from fishertune.runner.store import atomic_write_text, iter_results
 
 #: the paper's row order within a backbone block
 METHOD_ORDER = ("full", "freeze", "lora", "adaptformer", "vpt", "rein", "vqt", "childtune", "fishertune")
 TABLE1_TARGETS = (("cityscapes", "citys", "Citys"), ("bdd100k", "bdd", "BDD"), ("mapillary", "map", "Map"))
-DATA_KIND = {"miniature": "the generated miniature (tiny backbones, synthetic scenes; NOT comparable to the paper)",
+DATA_KIND = {"miniature": "the generated miniature (tiny foundation models pretrained by the suite, synthetic "
+                           "scenes; NOT comparable to the paper)",
              "real": "the real data sets"}
 
 
-def _fmt(ours: float | None, paper: float | None, mark: str = "") -> str:
-    left = "not run" if ours is None else f"{ours:.1f}"
+def miniature_counts(data: dict[str, Any]) -> str:
+    """``synth seed 0, 200 source / 50 target images``: a miniature cell's ``config.data`` in words."""
+    train = data.get("synth_train_images", 2 * data["synth_images"])
+    return f"synth seed {data['synth_seed']}, {train} source / {data['synth_images']} target images per split"
+
+
+def _fmt(ours: float | None, paper: float | None, mark: str = "", est: Estimate | None = None) -> str:
+    """``ours / paper (ours - paper)``; ``ours`` as ``mean ± std`` when ``est`` holds several seeds."""
+    left = "not run" if ours is None else (est.format(n=False) if est is not None and est.n > 1 else f"{ours:.1f}")
     if paper is None:
         return f"{left} / -"
     delta = "" if ours is None else f" ({ours - paper:+.1f})"
     return f"{left} / {paper:.1f}{mark}{delta}"
+
+
+def merge_seeds(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per grid row (backbone and row) over its finished seeds, shaped like a result: every
+    mIoU and per-class IoU the mean over the seeds (a class absent in some seed averages where present),
+    with ``seeds`` (their list) and ``estimates`` (an :class:`~fishertune.report.stats.Estimate` of the
+    aggregate and of each target's mIoU) added. A one-seed row is its result plus those two keys."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["backbone"], r["row"]), []).append(r)
+    merged = []
+    for members in groups.values():
+        members = sorted(members, key=lambda r: r.get("seed", 0))
+        first = members[0]
+        shared = [t for t in first["targets"] if all(t in r["targets"] for r in members)]
+        targets = {}
+        for t in shared:
+            per_class = {}
+            for c in first["targets"][t]["per_class_iou"]:
+                values = [r["targets"][t]["per_class_iou"].get(c) for r in members]
+                values = [v for v in values if v is not None]
+                per_class[c] = sum(values) / len(values) if values else None
+            est = estimate(r["targets"][t]["miou"] for r in members)
+            targets[t] = {**first["targets"][t], "miou": est.mean, "per_class_iou": per_class}
+        estimates = {t: estimate(r["targets"][t]["miou"] for r in members) for t in shared}
+        estimates["aggregate"] = estimate(r["aggregate"]["miou"] for r in members)
+        merged.append({**first, "targets": targets, "aggregate": {**first["aggregate"],
+                                                                  "miou": estimates["aggregate"].mean},
+                       "seeds": [r.get("seed") for r in members], "estimates": estimates})
+    return merged
+
+
+def seeds_note(merged: list[dict[str, Any]], reference: str | None = None) -> str:
+    """The caption's sentence on seeds and the comparison column (empty for one seed and no comparison)."""
+    counts = sorted({len(r["seeds"]) for r in merged})
+    text = ""
+    if counts != [1]:
+        n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+        text += f" Each number is the mean over {n} finished seeds (± their standard deviation; column n)."
+    if reference:
+        text += (f" Δ vs {reference}: Avg minus the backbone's {reference} row, with its {LEVEL:.0%} interval by "
+                 f"{TEST_NAME}; 'within noise' when the interval holds 0 (n=1: not tested).")
+    return text
+
+
+def compare_to_reference(merged: list[dict[str, Any]], reference: str) -> dict[tuple[str, str], str]:
+    """``(backbone, row) -> "Δ Avg [interval] verdict"`` against the backbone's ``reference`` row."""
+    refs = {r["backbone"]: r for r in merged if r["row"] == reference}
+    out = {}
+    for r in merged:
+        ref = refs.get(r["backbone"])
+        if r["row"] == reference:
+            out[(r["backbone"], r["row"])] = "reference"
+        elif ref is None:
+            out[(r["backbone"], r["row"])] = "-"
+        else:
+            out[(r["backbone"], r["row"])] = welch(r["estimates"]["aggregate"], ref["estimates"]["aggregate"]).format()
+    return out
 
 
 def load_table_results(results: str | Path, table: str, manifest: str | None = None) -> list[dict[str, Any]]:
@@ -57,8 +124,13 @@ def _order(r: dict[str, Any], backbones: list[str]) -> tuple:
     return (backbones.index(r["backbone"]), METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), r["row"])
 
 
-def table1_frame(results: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[str]]:
-    """The Table 1 frame (index: backbone, method) and its footnotes."""
+def table1_frame(results: list[dict[str, Any]], reference: str | None = "full") -> tuple[pd.DataFrame, list[str]]:
+    """The Table 1 frame (index: backbone, method) and its footnotes: one row per grid row over its seeds
+    (:func:`merge_seeds`), with a column of the difference to each backbone's ``reference`` row."""
+    results = merge_seeds(results)
+    several = any(len(r["seeds"]) > 1 for r in results)
+    reference = reference if reference in {r["row"] for r in results} else None
+    versus = compare_to_reference(results, reference) if reference else {}
     family_rank = {f: i for i, f in enumerate(PAPER_BACKBONE)}  # the paper's order: CLIP, MAE, SAM, EVA02, DINOv2
     backbones = sorted({r["backbone"] for r in results},
                        key=lambda b: (family_rank.get(BACKBONES.get(b).family, len(family_rank)), b))
@@ -71,13 +143,17 @@ def table1_frame(results: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[str]
                "Params (M)": f"{params:.2f} / {paper['trainable_params_m']:.2f}" if paper else f"{params:.2f} / -"}
         for key, pkey, col in TABLE1_TARGETS:
             ours = r["targets"].get(key, {}).get("miou")
-            row[col] = _fmt(ours, paper[pkey] if paper else None)
+            row[col] = _fmt(ours, paper[pkey] if paper else None, est=r["estimates"].get(key))
         mark = ""
         if paper and (true_mean := inconsistent_average(paper)) is not None:
             mark = "*"
             notes.append(f"* {paper['backbone']} {paper['method']}: the paper prints Avg {paper['avg']:.1f}, "
                          f"but the mean of its three targets is {true_mean:.2f}.")
-        row["Avg"] = _fmt(r["aggregate"]["miou"], paper["avg"] if paper else None, mark)
+        row["Avg"] = _fmt(r["aggregate"]["miou"], paper["avg"] if paper else None, mark, r["estimates"]["aggregate"])
+        if several:
+            row["n"] = str(len(r["seeds"]))
+        if reference:
+            row[f"Δ vs {reference}"] = versus[(r["backbone"], r["row"])]
         rows.append(row)
     return pd.DataFrame(rows).set_index(["Backbone", "Method"]), notes
 
@@ -95,13 +171,15 @@ def table_dir(results: list[dict[str, Any]], out_dir: str | Path | None = None) 
     return out / "mini" if man["data_kind"] == "miniature" else out
 
 
-def caption(table: str, results: list[dict[str, Any]]) -> str:
+def caption(table: str, results: list[dict[str, Any]], reference: str | None = None) -> str:
+    """The table's title: what it shows, what each cell reads, the data and manifest; with several seeds
+    or a ``reference`` row, how the seeds are summarised and compared."""
     r = results[0]
     man = r["manifest"]
     data = DATA_KIND[man["data_kind"]]
     if man["data_kind"] == "miniature":
         cfg = r["config"]["data"]
-        data += f", synth seed {cfg['synth_seed']}, {cfg['synth_images']} images per split"
+        data += f", {miniature_counts(cfg)}"
     elif man.get("data_generated"):
         data = "generated data sets in the real layouts (written by fishertune data synth; NOT the real data)"
     if man.get("tiny"):
@@ -124,8 +202,8 @@ def caption(table: str, results: list[dict[str, Any]]) -> str:
              "ablation": "each cell ours / paper (ours - paper); our trainable backbone parameters",
              "estimation": "each cell ours / - (the paper shows this comparison without numbers); our "
                            "trainable backbone parameters"}
-    return (f"{name}: {titles.get(table, table)}, {cells.get(table, cells['table1'])}. "
-            f"Data: {data}. Manifest {man['name']} v{man['version']}.")
+    return (f"{name}: {titles.get(table, table)}, {cells.get(table, cells['table1'])}."
+            f"{seeds_note(merge_seeds(results), reference)} Data: {data}. Manifest {man['name']} v{man['version']}.")
 
 
 def _route(r: dict[str, Any]) -> str:
@@ -145,7 +223,7 @@ _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "%": r"\%", "&": r"\&", "#": r"\#",
 
 def latex_escape(text: str) -> str:
     out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
-    return out.replace("->", r"$\rightarrow$")
+    return out.replace("->", r"$\rightarrow$").replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
 
 
 def _blank_repeats(df: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -165,11 +243,12 @@ def to_latex(df: pd.DataFrame, title: str, notes: list[str], label: str) -> str:
     return text
 
 
-def render_table1(results_dir: str | Path, out_dir: str | Path | None = None, manifest: str | None = None) -> list[Path]:
+def render_table1(results_dir: str | Path, out_dir: str | Path | None = None, manifest: str | None = None,
+                  reference: str | None = "full") -> list[Path]:
     """Write ``table1.md`` and ``table1.tex``; miniature tables go to ``<out>/mini/``."""
     results = load_table_results(results_dir, "table1", manifest)
-    df, notes = table1_frame(results)
-    title = caption("table1", results)
+    df, notes = table1_frame(results, reference)
+    title = caption("table1", results, reference if reference in {r["row"] for r in results} else None)
     return write_table("table1", table_dir(results, out_dir), to_markdown(df, title, notes),
                        to_latex(df, title, notes, "table1"))
 
@@ -202,9 +281,21 @@ def _ablation_paper(family: str, row: str) -> dict | None:
     return None if hit.empty else hit.iloc[0].to_dict()
 
 
-def grid_frame(results: list[dict[str, Any]], table: str) -> tuple[pd.DataFrame, list[str]]:
+#: the ablation's claims: DR-FIM against each of these rows, at the same budget
+ABLATION_CLAIMS = ("random", "fim", "delta_fim")
+
+
+def grid_frame(results: list[dict[str, Any]], table: str, reference: str | None = "full"
+               ) -> tuple[pd.DataFrame, list[str]]:
     """The ablation / estimation grid (index: backbone, row): one column per target and their mean, the
-    paper's number beside ours where ``results/paper/ablation.csv`` has the row (ablation only)."""
+    paper's number beside ours where ``results/paper/ablation.csv`` has the row (ablation only); rows over
+    their seeds (:func:`merge_seeds`) with the difference to each backbone's ``reference`` row. The
+    ablation's notes answer its claims: DR-FIM against random, FIM and delta-FIM, each with its interval."""
+    results = merge_seeds(results)
+    several = any(len(r["seeds"]) > 1 for r in results)
+    rows_present = {r["row"] for r in results}
+    reference = reference if reference in rows_present else None
+    versus = compare_to_reference(results, reference) if reference else {}
     family_rank = {f: i for i, f in enumerate(PAPER_BACKBONE)}
     backbones = sorted({r["backbone"] for r in results},
                        key=lambda b: (family_rank.get(BACKBONES.get(b).family, len(family_rank)), b))
@@ -220,21 +311,37 @@ def grid_frame(results: list[dict[str, Any]], table: str) -> tuple[pd.DataFrame,
             p = paper.get(ABLATION_COLUMNS.get(t, ""), None) if paper else None
             p = None if p is None or pd.isna(p) else float(p)
             paper_values.append(p)
-            row[SHORT[t]] = _fmt(r["targets"].get(t, {}).get("miou"), p)
+            row[SHORT[t]] = _fmt(r["targets"].get(t, {}).get("miou"), p, est=r["estimates"].get(t))
         paper_avg = sum(paper_values) / len(paper_values) if None not in paper_values else None
-        row["Avg"] = _fmt(r["aggregate"]["miou"], paper_avg)
+        row["Avg"] = _fmt(r["aggregate"]["miou"], paper_avg, est=r["estimates"]["aggregate"])
+        if several:
+            row["n"] = str(len(r["seeds"]))
+        if reference:
+            row[f"Δ vs {reference}"] = versus[(r["backbone"], r["row"])]
         rows.append(row)
     notes = ["Paper Avg: the mean of the paper's printed targets (the paper prints no average here)."] \
         if table == "ablation" else []
+    if table == "ablation":
+        by_key = {(r["backbone"], r["row"]): r for r in results}
+        for backbone in backbones:
+            dr = by_key.get((backbone, "dr_fim"))
+            if dr is None:
+                continue
+            for other in ABLATION_CLAIMS:
+                if (backbone, other) in by_key:
+                    d = welch(dr["estimates"]["aggregate"], by_key[(backbone, other)]["estimates"]["aggregate"])
+                    notes.append(f"{backbone}: DR-FIM - {other}, Avg: {d.format()} ({TEST_NAME}, {LEVEL:.0%}; "
+                                 f"{d.n[0]} and {d.n[1]} seeds).")
     return pd.DataFrame(rows).set_index(["Backbone", "Row"]), notes
 
 
 def render_grid(table: str, results_dir: str | Path, out_dir: str | Path | None = None,
-                manifest: str | None = None) -> list[Path]:
+                manifest: str | None = None, reference: str | None = "full") -> list[Path]:
     """Write ``<table>.md`` and ``.tex`` for the ablation or estimation grid (miniature: ``<out>/mini/``)."""
     results = load_table_results(results_dir, table, manifest)
-    df, notes = grid_frame(results, table)
-    title = caption(table, results)
+    df, notes = grid_frame(results, table, reference)
+    present = {r["row"] for r in results}
+    title = caption(table, results, reference if reference in present else None)
     return write_table(table, table_dir(results, out_dir), to_markdown(df, title, notes),
                        to_latex(df, title, notes, table))
 

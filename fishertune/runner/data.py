@@ -25,12 +25,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fishertune").expanduser()
 
 
+def miniature_dir(m: Manifest) -> Path:
+    """Where the miniature of ``m`` is generated in the cache (by generator version, seed and counts)."""
+    from fishertune.data.synth import VERSION
+
+    train = m.data.synth_train_images or 2 * m.data.synth_images
+    return cache_dir() / f"synth-v{VERSION}-seed{m.data.synth_seed}-n{m.data.synth_images}-t{train}"
+
+
 def data_roots(m: Manifest, names: list[str], progress: bool = True) -> dict[str, Path]:
     """Directory of each named data set; the miniature is synthesized here when absent."""
     if m.data.kind == "miniature":
-        base = Path(m.data.root).expanduser() if m.data.root else (
-            cache_dir() / f"synth-seed{m.data.synth_seed}-n{m.data.synth_images}")
-        roots = synthesize(base, seed=m.data.synth_seed, images=m.data.synth_images, progress=progress)
+        base = Path(m.data.root).expanduser() if m.data.root else miniature_dir(m)
+        roots = synthesize(base, seed=m.data.synth_seed, images=m.data.synth_images, progress=progress,
+                           train_images=m.data.synth_train_images)
         return {name: Path(roots[name]) for name in names}
     base = m.data.root or os.environ.get(DATA_ENV)
     out = {}

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fishertune.data.synth import VERSION as SYNTH_VERSION
 from fishertune.errors import UserError
 
 Pair = Annotated[list[int], Field(min_length=2, max_length=2)]
@@ -38,7 +39,9 @@ class DataConfig(Strict):
     root: str | None = Field(None, description="directory holding one folder per data set (default $FISHERTUNE_DATA)")
     roots: dict[str, str] = Field(default_factory=dict, description="per-data-set directories, overriding root")
     synth_seed: int = Field(0, description="miniature: seed of the scene generator")
-    synth_images: int = Field(12, ge=2, description="miniature: images per split and data set")
+    synth_images: int = Field(12, ge=2, description="miniature: images per evaluation split (per ACDC condition)")
+    synth_train_images: int | None = Field(None, ge=2, description="miniature: images of each training source "
+                                           "(GTAV, Cityscapes train); null: twice synth_images")
     subset: int | None = Field(None, gt=0, description="use a deterministic, class-balanced subset of this many "
                                "images of the source and of each target (per ACDC condition); null: all. "
                                "Results and tables say so")
@@ -62,6 +65,9 @@ class TrainConfig(Strict):
     batch_size: int = Field(gt=0, description="images per iteration (Rein: 4)")
     crop_size: int = Field(gt=0, description="square training crop (Rein: 512)")
     lr: float = Field(gt=0, description="AdamW learning rate (Rein: 1e-4)")
+    backbone_lr_mult: float = Field(1.0, gt=0, le=1, description="learning-rate multiplier of the backbone's own "
+                                    "weights (those a method did not add: full fine-tuning, sparse elements); "
+                                    "Rein: 1, the head and method modules always train at lr")
     weight_decay: float = Field(ge=0, description="AdamW weight decay, none on norms/embeddings/tokens/scales")
     poly_power: float = Field(gt=0, description="poly schedule power (0.9)")
     warmup_iterations: int = Field(ge=0, description="linear warm-up iterations (Rein: 0)")
@@ -109,6 +115,8 @@ class ExecutionConfig(Strict):
                                   "rerunning after a kill continues from the last one")
     threads: int | None = Field(None, gt=0, description="intra-op CPU threads (null: torch's default); fixed by "
                                 "the mini protocol because the count changes CPU results in the last bits")
+    jobs: int = Field(1, gt=0, description="cells run at once by the local executor, each in its own process with "
+                      "`threads` threads (on a CPU: cores / threads; a cell's numbers do not depend on it)")
     keep_model: bool = Field(True, description="keep each finished cell's trained model beside its result "
                              "(<cell id>.model/: what trained plus the head, as safetensors, and a card) for "
                              "`fishertune export` and `fishertune predict`; false: keep only the result")
@@ -139,7 +147,9 @@ class Manifest(Strict):
     source: str
     targets: list[str] = Field(min_length=1)
     aggregate: Literal["mean_over_targets"] = "mean_over_targets"
-    seed: int
+    seed: int = Field(description="the seed of a one-seed manifest (Rein: 42); with `seeds`, their first")
+    seeds: list[int] | None = Field(None, min_length=1, description="several seeds: each is a cell of its own, "
+                                    "tables show mean +- std over them; the first's cells keep a one-seed run's ids")
     head: HeadConfig
     train: TrainConfig
     eval: EvalConfig
@@ -159,6 +169,26 @@ class Manifest(Strict):
             if name not in DATASET_NAMES or name == "gtav":
                 raise ValueError(f"unknown target {name!r}; targets are cityscapes, bdd100k, mapillary, acdc")
         return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"a seed appears twice in {v}")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_seed(cls, data: Any) -> Any:
+        """With ``seeds``, ``seed`` is their first (what data subsets and one-seed tools use)."""
+        if isinstance(data, dict) and isinstance(data.get("seeds"), list) and data["seeds"]:
+            data = {**data, "seed": data["seeds"][0]}
+        return data
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The seeds the grid runs: ``seeds``, or ``[seed]``."""
+        return list(self.seeds) if self.seeds else [self.seed]
 
     def method_entries(self) -> list[MethodEntry]:
         return [MethodEntry(name=m) if isinstance(m, str) else m for m in self.methods]
@@ -258,7 +288,8 @@ def tiny_variant(backbone: str, where: str = "") -> str:
 
 def _tiny(path: Path, merged: dict[str, Any]) -> dict[str, Any]:
     """``merged`` with the miniature protocol laid over it (all but its data section), every backbone
-    swapped for its family's tiny variant (random weights) and no checkpoint paths."""
+    swapped for its family's tiny variant (its shipped tiny foundation model when ``pretrained``) and no
+    checkpoint paths."""
     protocol = next((p for p in MINI_PROTOCOLS if p.is_file()), None)
     if protocol is None:
         raise UserError(f"--tiny needs the miniature protocol at {MINI_PROTOCOLS[0]}; run from a clone of "
@@ -268,7 +299,6 @@ def _tiny(path: Path, merged: dict[str, Any]) -> dict[str, Any]:
     backbones = merged.get("backbones")
     if isinstance(backbones, list):
         out["backbones"] = list(dict.fromkeys(tiny_variant(str(b), f"{path}: backbones") for b in backbones))
-    out["pretrained"] = False
     out["weights"] = {}
     return out
 
@@ -282,6 +312,8 @@ def load_manifest(path: str | Path, overrides: dict[str, Any] | None = None, tin
     ``$FISHERTUNE_DATA``); its results go to ``<name>-tiny`` and its tables say TINY."""
     path = Path(path)
     raw = _read_yaml(path)
+    if "seed" in raw and "seeds" in raw:
+        raise UserError(f"{path}: seed and seeds: give one of them (seeds: [{raw['seed']}, ...] runs several)")
     merged = defaults()
     include = raw.pop("include", None)
     if include is not None:
@@ -294,7 +326,11 @@ def load_manifest(path: str | Path, overrides: dict[str, Any] | None = None, tin
         merged = _merge(merged, inc)
     merged = _merge(merged, raw)
     if overrides:
+        seeds = overrides.get("seeds")
+        overrides = {k: v for k, v in overrides.items() if k != "seeds"}
         merged = _merge(merged, overrides)
+        if seeds is not None:  # --seeds N: the manifest's seeds, continued (or cut) to N
+            merged["seeds"] = extend_seeds(merged.get("seeds") or [merged.get("seed", 0)], seeds)
     if tiny:
         merged = _tiny(path, merged)
     try:
@@ -302,6 +338,24 @@ def load_manifest(path: str | Path, overrides: dict[str, Any] | None = None, tin
     except ValidationError as e:
         raise UserError(f"{path}: {_explain(e.errors()[0])}") from None
     return LoadedManifest(path=path, manifest=manifest, tiny=tiny)
+
+
+#: training fields added after cells were first run: left out of a cell's config at these values, so that
+#: existing cells keep their ids
+_LATER_TRAIN_FIELDS = {"precision": "fp32", "backbone_lr_mult": 1.0}
+
+
+def _at_default(train: TrainConfig) -> set[str]:
+    return {k for k, v in _LATER_TRAIN_FIELDS.items() if getattr(train, k) == v}
+
+
+def extend_seeds(seeds: list, n: int) -> list:
+    """The first ``n`` of ``seeds`` continued by consecutive integers after their largest
+    (``[42], 3 -> [42, 43, 44]``; ``[42, 43, 44], 1 -> [42]``)."""
+    out = list(seeds)
+    while len(out) < n:
+        out.append(max(int(s) for s in out) + 1)
+    return out[:n]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,6 +373,10 @@ class Cell:
     method_config: dict[str, Any]
     config: dict[str, Any]  # everything that determines the numbers; hashed into the id
 
+    @property
+    def seed(self) -> int:
+        return self.config["seed"]
+
 
 @dataclass(frozen=True)
 class LoadedManifest:
@@ -335,7 +393,7 @@ class LoadedManifest:
         return f"{name}-subset{m.data.subset}" if m.data.subset else name
 
     def cells(self) -> list[Cell]:
-        """Expand backbones x methods to cells, validating every name and method config."""
+        """Expand backbones x methods x seeds to cells (in that order), validating every name and method config."""
         from fishertune.backbones import BACKBONES
         from fishertune.heads import check_head
         from fishertune.tuning import build_method
@@ -351,28 +409,32 @@ class LoadedManifest:
                 delta = {**m.method_configs.get(entry.name, {}), **entry.config}
                 method = build_method(entry.name, delta, where)
                 method_config = method.cfg.model_dump(mode="json")
-                config = {
-                    "backbone": backbone,
-                    "method": entry.name,
-                    "method_config": method_config,
-                    "pretrained": m.pretrained,
-                    "head": m.head.model_dump(mode="json"),
-                    "source": m.source,
-                    "targets": list(m.targets),
-                    "aggregate": m.aggregate,
-                    "seed": m.seed,
-                    # a field added later is left out at its default, so that existing cells keep their ids
-                    "train": m.train.model_dump(mode="json", exclude={"precision"} if m.train.precision == "fp32" else None),
-                    "eval": {**m.eval.model_dump(mode="json"),
-                             "test_sizes": {t: m.eval.test_sizes[t] for t in m.targets}},
-                    "data": {"kind": m.data.kind}
-                    | ({"synth_seed": m.data.synth_seed, "synth_images": m.data.synth_images} if m.data.kind == "miniature" else {})
-                    | ({"subset": m.data.subset} if m.data.subset else {}),
-                }
-                digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
-                cell_id = f"{backbone}--{entry.row}--{m.source}--{digest}"
-                if cell_id in seen:
-                    raise UserError(f"{where}: the same cell appears twice; give one of them a different label or config")
-                seen.add(cell_id)
-                cells.append(Cell(cell_id, backbone, entry.name, entry.row, method_config, config))
+                for seed in m.seed_list:  # each seed its own cell; the seed is in the config, hence the id
+                    config = {
+                        "backbone": backbone,
+                        "method": entry.name,
+                        "method_config": method_config,
+                        "pretrained": m.pretrained,
+                        "head": m.head.model_dump(mode="json"),
+                        "source": m.source,
+                        "targets": list(m.targets),
+                        "aggregate": m.aggregate,
+                        "seed": seed,
+                        # a field added later is left out at its default, so that existing cells keep their ids
+                        "train": m.train.model_dump(mode="json", exclude=_at_default(m.train)),
+                        "eval": {**m.eval.model_dump(mode="json"),
+                                 "test_sizes": {t: m.eval.test_sizes[t] for t in m.targets}},
+                        "data": {"kind": m.data.kind}
+                        | ({"synth_seed": m.data.synth_seed, "synth_images": m.data.synth_images,
+                            "synth_train_images": m.data.synth_train_images or 2 * m.data.synth_images,
+                            "synth_version": SYNTH_VERSION} if m.data.kind == "miniature" else {})
+                        | ({"subset": m.data.subset} if m.data.subset else {}),
+                    }
+                    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+                    cell_id = f"{backbone}--{entry.row}--{m.source}--{digest}"
+                    if cell_id in seen:
+                        raise UserError(f"{where}: the same cell appears twice; give one of them a different label or "
+                                        "config")
+                    seen.add(cell_id)
+                    cells.append(Cell(cell_id, backbone, entry.name, entry.row, method_config, config))
         return cells

@@ -15,10 +15,10 @@ When a cell finishes, ``<results>/<results name>/<cell id>.model/`` receives
   versions, device and how the cell evaluated (window, stride, test sizes, precision, threads).
 
 Where the frozen weights come from is resolved exactly as the runner resolves them
-(:func:`pretrained_file`, through ``backbones.weights.resolve_weights``): a file (its name, size and
-sha256, cached per path, size and modification time, since hashing a multi-GB file takes seconds)
-or, for a backbone without one (the tiny variants today, or ``pretrained: false``), random
-initialisation from the manifest's seed. In both cases the card also holds the sha256 of the backbone's
+(:func:`pretrained_file`, through ``backbones.registry.weights_path``): a file (its name, size and
+sha256, cached per path, size and modification time, since hashing a multi-GB file takes seconds; the
+tiny foundation models' shipped files included) or, for a build without one (``pretrained: false``),
+random initialisation from the cell's seed. In both cases the card also holds the sha256 of the backbone's
 state as built, before the method (:func:`state_sha256`), which catches a rebuild that no longer
 gives the weights the cell started from.
 
@@ -42,11 +42,11 @@ from typing import Any, Callable
 import torch
 
 from fishertune.backbones import BACKBONES, build_backbone
-from fishertune.backbones.weights import resolve_weights
+from fishertune.backbones.registry import weights_path
+from fishertune.backbones.weights import file_sha256
 from fishertune.data import NUM_CLASSES
 from fishertune.errors import UserError
 from fishertune.heads import build_head
-from fishertune.progress import bar
 from fishertune.runner.data import cache_dir
 from fishertune.runner.store import MODEL_CARD, atomic_write, atomic_write_text, iter_results
 from fishertune.segmentor import Segmentor
@@ -95,12 +95,10 @@ def build_segmentor(config: dict[str, Any], weights: str | os.PathLike | None, d
 
 
 def pretrained_file(config: dict[str, Any], explicit: str | os.PathLike | None) -> Path | None:
-    """The pretrained file a cell ``config`` is built from (``explicit`` or ``$FISHERTUNE_WEIGHTS``, as
-    the runner resolves it), or None when its backbone is drawn from the seed."""
-    spec = BACKBONES.get(config["backbone"])
-    if not (spec.weights and config["pretrained"]):
-        return None
-    return resolve_weights(spec.weights, explicit, config["backbone"])
+    """The pretrained file a cell ``config`` is built from (``explicit``, the package's own file of a tiny
+    model, or ``$FISHERTUNE_WEIGHTS``: ``backbones.registry.weights_path``, as the runner resolves it), or
+    None when its backbone is drawn from the seed."""
+    return weights_path(BACKBONES.get(config["backbone"]), explicit) if config["pretrained"] else None
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -113,27 +111,17 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 16 MiB chunks (a progress bar for the large ones)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f, bar(total=Path(path).stat().st_size, unit="B", unit_scale=True,
-                                    desc=f"sha256 {Path(path).name}") as progress:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-            progress.update(len(chunk))
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, cached under ``$FISHERTUNE_CACHE/sha256/`` by its path, size and
-    modification time (a multi-GB checkpoint takes seconds to hash; a changed file gets a new key)."""
+def cached_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (``backbones.weights.file_sha256``), cached under
+    ``$FISHERTUNE_CACHE/sha256/`` by its path, size and modification time (a multi-GB checkpoint takes
+    seconds to hash, and every cell of a sweep records it; a changed file gets a new key)."""
     path = Path(path)
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
     cached = cache_dir() / "sha256" / f"{key}.txt"
     if cached.is_file():
         return cached.read_text().strip()
-    digest = _sha256(path)
+    digest = file_sha256(path)
     try:
         atomic_write_text(cached, digest + "\n")
     except UserError:
@@ -147,7 +135,7 @@ def pretrained_record(config: dict[str, Any], path: Path | None, built: str) -> 
     if path is None:
         return {"file": None, "init": "random", "seed": config["seed"], "state_sha256": built}
     return {"file": path.name, "path": str(Path(path).resolve()), "bytes": path.stat().st_size,
-            "sha256": file_sha256(path), "state_sha256": built}
+            "sha256": cached_sha256(path), "state_sha256": built}
 
 
 # ------------------------------------------------------------------------------------ keeping
@@ -204,7 +192,7 @@ def save_model(folder: Path, segmentor: torch.nn.Module, method: TuningMethod, c
     path = Path(folder) / MODEL_FILE
     metadata = {"format": MODEL_FORMAT, "version": str(MODEL_VERSION), "cell_id": str(card.get("cell_id"))}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    kept = {"file": MODEL_FILE, "bytes": path.stat().st_size, "sha256": _sha256(path), "tensors": len(tensors),
+    kept = {"file": MODEL_FILE, "bytes": path.stat().st_size, "sha256": file_sha256(path), "tensors": len(tensors),
             "dense_elements": sum(t.numel() for n, t in tensors.items() if not n.endswith((INDICES, VALUES))),
             "sparse_elements": sum(t.numel() for n, t in tensors.items() if n.endswith(VALUES))}
     atomic_write_text(Path(folder) / CARD_FILE, json.dumps({**card, "kept": kept}, indent=1, sort_keys=True) + "\n")
@@ -261,7 +249,7 @@ def _pretrained_source(card: dict[str, Any], explicit: str | os.PathLike | None,
         raise UserError(f"{where}: the pretrained file {path} has {size:,} bytes, but the model was trained on "
                         f"{rec['file']} of {rec['bytes']:,} bytes; pass the file it was trained on with --weights "
                         f"(sha256 {rec['sha256']})")
-    digest = file_sha256(path)
+    digest = cached_sha256(path)
     if digest != rec["sha256"]:
         raise UserError(f"{where}: the pretrained file {path} has sha256 {digest}, but the model was trained on "
                         f"{rec['file']} with sha256 {rec['sha256']}; pass the file it was trained on with --weights")
@@ -302,7 +290,8 @@ def load_kept(segmentor: torch.nn.Module, path: Path) -> None:
                 target.copy_(value)
                 continue
             idx, values = tensors[name + INDICES].long(), tensors[name + VALUES]
-            if idx.ndim != 1 or idx.shape != values.shape or (idx.numel() and (idx.min() < 0 or idx.max() >= target.numel())):
+            outside = bool(idx.numel()) and (int(idx.min()) < 0 or int(idx.max()) >= target.numel())
+            if idx.ndim != 1 or idx.shape != values.shape or outside:
                 raise UserError(f"{path}: the indices of {name} do not fit its {target.numel():,} elements")
             target.view(-1).index_copy_(0, idx.to(target.device), values.to(target.device, target.dtype))
 
@@ -328,7 +317,7 @@ def load_model(model: Path, device: torch.device, weights: str | os.PathLike | N
     explicit = weights or (recorded if recorded and Path(recorded).is_file() else None)
     path = _pretrained_source(card, explicit, model)
     kept = model / MODEL_FILE
-    if _sha256(kept) != card["kept"]["sha256"]:
+    if file_sha256(kept) != card["kept"]["sha256"]:
         raise UserError(f"{kept}: its sha256 is not the one its card records; the file was changed or damaged: "
                         "export the model again")
     ctx = MethodContext(device=device, seed=config["seed"])
@@ -387,7 +376,7 @@ def export_model(spec: str, results: str | os.PathLike, out: str | os.PathLike) 
         raise UserError(f"{result_path}: no kept model ({why}); rerun the cell: rm {result_path} && fishertune run "
                         f"{record.get('manifest', {}).get('path')} --only '{record.get('cell_id')}'")
     card = read_card(folder)
-    if _sha256(folder / MODEL_FILE) != entry["sha256"]:
+    if file_sha256(folder / MODEL_FILE) != entry["sha256"]:
         raise UserError(f"{folder / MODEL_FILE}: its sha256 is not the one the result records; the file was "
                         f"changed or damaged: rerun the cell")
     out = Path(out)

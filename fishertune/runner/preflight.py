@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fishertune.backbones import BACKBONES
-from fishertune.backbones.weights import resolve_weights
+from fishertune.backbones.registry import weights_path
 from fishertune.errors import UserError
 from fishertune.runner.data import SPLITS, cache_dir, data_roots
 from fishertune.runner.manifest import Cell, LoadedManifest
@@ -39,7 +39,7 @@ def weights_problems(lm: LoadedManifest, cells: list[Cell]) -> list[str]:
         if not spec.weights:
             continue
         try:
-            path = resolve_weights(spec.weights, m.weights.get(name), name)
+            path = weights_path(spec, m.weights.get(name))
             with torch.device("meta"):
                 model = spec.fn(img_size=m.train.crop_size)
             spec.loader(model, path)  # reads without running code; a file that does not fit is a UserError

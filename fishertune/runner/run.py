@@ -23,7 +23,7 @@ from fishertune.engine.evaluate import evaluate
 from fishertune.engine.checkpoint import Checkpoint
 from fishertune.engine.train import NonFiniteLoss, source_batches, train, world
 from fishertune.errors import UserError
-from fishertune.progress import bar
+from fishertune.progress import bar, enabled
 from fishertune.runner.data import cache_dir, generated, open_datasets
 from fishertune.runner.environment import (agree, barrier, cpu_threads, device_name, git_state, init_distributed,
                                            package_versions, resolve_device)
@@ -117,8 +117,8 @@ def prepare_cell(lm: LoadedManifest, cell: Cell, source, device: torch.device, d
     transform = TrainTransform(crop_size=m.train.crop_size, short_edge_range=tuple(m.train.short_edge_range),
                                max_long_edge=m.train.max_long_edge, cat_max_ratio=m.train.cat_max_ratio,
                                flip_prob=m.train.flip_prob, photometric=m.train.photometric)
-    ctx = MethodContext(device=device, seed=m.seed, source_batches=lambda n: source_batches(
-        source, transform, m.seed + 1, m.train.batch_size, m.execution.num_workers, 0, n),
+    ctx = MethodContext(device=device, seed=cell.seed, source_batches=lambda n: source_batches(
+        source, transform, cell.seed + 1, m.train.batch_size, m.execution.num_workers, 0, n),
         source_images=len(source), cache_dir=cache_dir(), identity=model_identity(lm, cell, source))
     segmentor, method, built = build_segmentor(cell.config, m.weights.get(cell.backbone), device, ctx,
                                                where=str(lm.path), digest=digest)
@@ -146,9 +146,9 @@ def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torc
     method.before_training(segmentor, ctx)
     stats = train(segmentor, method, source, transform, iterations=m.train.iterations, batch_size=m.train.batch_size,
                   lr=m.train.lr, weight_decay=m.train.weight_decay, poly_power=m.train.poly_power,
-                  warmup=m.train.warmup_iterations, seed=m.seed, device=device, num_workers=ex.num_workers,
+                  warmup=m.train.warmup_iterations, seed=cell.seed, device=device, num_workers=ex.num_workers,
                   log_every=ex.log_every, desc=f"train {cell.backbone}/{cell.row}", precision=m.train.precision,
-                  compile=ex.compile, checkpoint=checkpoint)
+                  compile=ex.compile, checkpoint=checkpoint, backbone_lr_mult=m.train.backbone_lr_mult)
     if world()[0] != 0:
         return None
     per_target, predictions = {}, {}
@@ -215,7 +215,7 @@ def _identity(lm: LoadedManifest, cell: Cell, status: str) -> dict[str, Any]:
         "method": cell.method,
         "row": cell.row,
         "config": cell.config,
-        "seed": m.seed,
+        "seed": cell.seed,
     }
 
 
@@ -267,16 +267,49 @@ def estimate_manifest(lm: LoadedManifest, only: list[str] | None = None, device:
     return out
 
 
+def _run_one(lm: LoadedManifest, results: str, cell_id: str, device: str | None, retry_failed: bool) -> str:
+    """One cell in a worker process of :func:`_run_parallel` (its status)."""
+    import glob
+
+    [(_, status)] = run_manifest(lm, results, only=[glob.escape(cell_id)], device=device, progress=False,
+                                 retry_failed=retry_failed, jobs=1)
+    return status
+
+
+def _run_parallel(lm: LoadedManifest, results: str, cells: list[Cell], device: str | None, retry_failed: bool,
+                  jobs: int, progress: bool) -> list[tuple[Cell, str]]:
+    """Run ``cells`` in ``jobs`` worker processes (spawned, so each starts with a fresh torch), each cell
+    exactly as a sequential run would (its lock, checkpoint and thread count); a progress bar of cells."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    statuses: dict[str, str] = {}
+    with ProcessPoolExecutor(min(jobs, len(cells)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_one, lm, results, c.id, device, retry_failed): c for c in cells}
+        try:
+            for future in bar(as_completed(futures), total=len(futures), desc=f"{lm.results_name} ({jobs} at once)",
+                              unit="cell", leave=True, disable=not (progress and enabled())):
+                statuses[futures[future].id] = future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return [(c, statuses[c.id]) for c in cells]
+
+
 def run_manifest(lm: LoadedManifest, results: str, only: list[str] | None = None, device: str | None = None,
-                 progress: bool = True, retry_failed: bool = False) -> list[tuple[Cell, str]]:
+                 progress: bool = True, retry_failed: bool = False, jobs: int | None = None) -> list[tuple[Cell, str]]:
     """Run every pending cell; returns ``(cell, status)`` per selected cell: ``done``, ``failed`` (a
     non-finite loss; its result says why, and the sweep goes on), ``skipped`` (a result exists; failed
     cells are retried only with ``retry_failed``) or ``busy`` (another runner holds its lock).
 
     Each cell runs under its lock (:mod:`fishertune.runner.lock`) and checkpoints every
     ``execution.checkpoint_every`` iterations under ``<results>/<name>/checkpoints/``; rerunning after a
-    kill continues from there. Under ``torchrun`` the processes run each cell together (DDP)."""
+    kill continues from there. Under ``torchrun`` the processes run each cell together (DDP). With
+    ``jobs`` (default ``execution.jobs``) above 1, that many cells run at once, each in a process of its
+    own (:func:`_run_parallel`); a cell's numbers are the same either way."""
     m = lm.manifest
+    jobs = jobs or m.execution.jobs
     cells = select_cells(lm.cells(), only)
     store = ResultStore(results, lm.results_name)
     store.check_writable()
@@ -291,7 +324,9 @@ def run_manifest(lm: LoadedManifest, results: str, only: list[str] | None = None
     if not pending:
         return outcome
     _check_weights(lm, pending)  # pre-flight, before any training
-    source, targets = open_datasets(m, progress)
+    source, targets = open_datasets(m, progress)  # generates the miniature once, before any worker starts
+    if jobs > 1 and world_size == 1 and len(pending) > 1:
+        return outcome + _run_parallel(lm, results, pending, device, retry_failed, jobs, progress)
     with cpu_threads(m.execution.threads):
         for cell in bar(pending, desc=lm.results_name, unit="cell", leave=True):
             lock = CellLock(store.lock_path(cell.id))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ class CellState:
     cell: Cell
     state: str  # done | running | failed | pending
     detail: str
+    miou: float | None = None  # a finished cell's aggregate mIoU
 
 
 def _ago(t: float) -> str:
@@ -41,7 +43,8 @@ def cell_states(lm: LoadedManifest, results: str, only: list[str] | None = None)
     for cell in select_cells(lm.cells(), only):
         r = store.read(cell.id)
         if r is not None and r.get("status", "done") == "done":
-            out.append(CellState(cell, "done", f"mIoU {r['aggregate']['miou']:.1f}, {r['wall_time_s'] / 60:.1f} min"))
+            miou = r["aggregate"]["miou"]
+            out.append(CellState(cell, "done", f"mIoU {miou:.1f}, {r['wall_time_s'] / 60:.1f} min", miou))
             continue
         if r is not None:
             f = r.get("failure", {})
@@ -60,8 +63,26 @@ def cell_states(lm: LoadedManifest, results: str, only: list[str] | None = None)
 
 
 def format_states(lm: LoadedManifest, states: list[CellState]) -> str:
+    """One line per cell; with several seeds, the cells of one backbone and row grouped under a line with
+    their seeds and the mean +- standard deviation of the finished ones' mIoU."""
     width = max(len(s.cell.id) for s in states)
-    lines = [f"{s.state:8s} {s.cell.id:{width}s}  {s.detail}".rstrip() for s in states]
+    lines = []
+    if len(lm.manifest.seed_list) > 1:
+        groups: dict[tuple[str, str], list[CellState]] = {}
+        for st in states:
+            groups.setdefault((st.cell.backbone, st.cell.row), []).append(st)
+        for (backbone, row), members in groups.items():
+            done = [m.miou for m in members if m.state == "done"]
+            summary = ", ".join(f"{sum(m.state == k for m in members)} {k}" for k in ("done", "running", "failed",
+                                                                                          "pending")
+                                if any(m.state == k for m in members))
+            if done:
+                spread = f" +- {statistics.stdev(done):.1f}" if len(done) > 1 else ""
+                summary += f"; mIoU {statistics.fmean(done):.1f}{spread} over {len(done)}"
+            lines.append(f"{backbone} {row}: seeds {' '.join(str(m.cell.seed) for m in members)}: {summary}")
+            lines += [f"  {m.state:8s} seed {m.cell.seed:<6d} {m.cell.id:{width}s}  {m.detail}".rstrip() for m in members]
+    else:
+        lines = [f"{s.state:8s} {s.cell.id:{width}s}  {s.detail}".rstrip() for s in states]
     counts = {k: sum(s.state == k for s in states) for k in ("done", "running", "failed", "pending")}
     lines.append(f"{lm.results_name}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
     return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""Seeds as a grid axis, the statistics over seeds, and `fishertune compare`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fishertune.cli import main
+from fishertune.errors import UserError
+from fishertune.report.stats import estimate, welch
+from fishertune.runner.manifest import extend_seeds, load_manifest
+
+
+def test_seeds_expand_to_cells_and_the_first_seed_keeps_its_ids(mini_manifest):
+    one = load_manifest(mini_manifest("s1", "methods: [full, freeze]\n"))
+    three = load_manifest(mini_manifest("s3", "methods: [full, freeze]\nseeds: [42, 43, 44]\n"))
+    by_flag = load_manifest(mini_manifest("s1", "methods: [full, freeze]\n"), {"seeds": 3})
+    assert [c.seed for c in three.cells()] == [42, 43, 44, 42, 43, 44]
+    assert len({c.id for c in three.cells()}) == 6
+    assert {c.id for c in one.cells()} == {c.id for c in three.cells() if c.seed == 42}
+    assert [c.id for c in by_flag.cells()] == [c.id for c in three.cells()]
+    assert three.manifest.seed == 42 and three.manifest.seed_list == [42, 43, 44]
+
+
+def test_extend_seeds_continues_or_cuts():
+    assert extend_seeds([42], 3) == [42, 43, 44]
+    assert extend_seeds([7, 3], 4) == [7, 3, 8, 9]
+    assert extend_seeds([42, 43, 44], 1) == [42]
+
+
+@pytest.mark.parametrize("body, message", [
+    ("seeds: [1, 1]\n", "appears twice"),
+    ("seeds: []\n", "seeds"),
+    ("seed: 1\nseeds: [1, 2]\n", "give one of them"),
+])
+def test_bad_seeds_are_one_clear_error(mini_manifest, body, message):
+    with pytest.raises(UserError, match=message):
+        load_manifest(mini_manifest("bad", "methods: [full]\n" + body)).cells()
+
+
+def test_welch_interval_agrees_with_its_test_and_needs_two_values():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        a = estimate(rng.normal(0, 1, 3))
+        b = estimate(rng.normal(rng.uniform(-3, 3), 1, 4))
+        d = welch(a, b)
+        assert d.diff == pytest.approx(a.mean - b.mean)
+        assert d.p == pytest.approx(stats.ttest_ind(a.values, b.values, equal_var=False).pvalue)
+        assert d.significant == (not d.low <= 0 <= d.high)  # the 95% interval excludes 0 iff p < 0.05
+    one = welch(estimate([1.0]), estimate([2.0, 3.0]))
+    assert not one.tested and one.significant is None and "(n=1)" in one.format()
+    same = welch(estimate([1.0, 1.0]), estimate([1.0, 1.0]))
+    assert same.tested and not same.significant
+
+
+def test_estimate_formats_mean_std_and_count():
+    e = estimate([50.0, 52.0, 51.0])
+    assert e.format() == "51.0 ± 1.0 (n=3)" and e.format(latex=True, n=False) == r"51.0 $\pm$ 1.0"
+    assert estimate([3.14159]).format() == "3.1"
+
+
+def _result(root, manifest, backbone, row, seed, values):
+    folder = root / manifest
+    folder.mkdir(parents=True, exist_ok=True)
+    r = {"status": "done", "manifest": {"name": manifest}, "backbone": backbone, "row": row, "seed": seed,
+         "targets": {t: {"miou": v} for t, v in values.items()},
+         "aggregate": {"miou": sum(values.values()) / len(values)}}
+    (folder / f"{backbone}--{row}--{seed}.json").write_text(json.dumps(r))
+
+
+def test_compare_marks_a_shift_beyond_the_noise_and_not_one_within(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for seed, noise in zip((42, 43, 44), (0.0, 0.3, -0.3)):
+        _result(a, "m", "dinov2-tiny", "lora", seed, {"cityscapes": 30 + noise, "bdd100k": 20 + noise})
+        _result(b, "m", "dinov2-tiny", "lora", seed, {"cityscapes": 35 + noise, "bdd100k": 20.1 - noise})
+    _result(a, "m", "dinov2-tiny", "full", 42, {"cityscapes": 30, "bdd100k": 20})
+    _result(b, "m", "dinov2-tiny", "full", 42, {"cityscapes": 31, "bdd100k": 20})
+    assert main(["compare", str(a), str(b), "--fail-on-difference"]) == 1
+    out = capsys.readouterr().out
+    lines = {tuple(c.strip() for c in line.split("|")[2:5]): line for line in out.splitlines() if "|" in line}
+    assert "significant" in lines[("dinov2-tiny", "lora", "cityscapes")]
+    assert "within noise" in lines[("dinov2-tiny", "lora", "bdd100k")]
+    assert "(n=1)" in lines[("dinov2-tiny", "full", "cityscapes")]
+    assert "with one seed on a side are not tested" in out
+    assert main(["compare", str(a), str(a)]) == 0
