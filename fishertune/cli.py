@@ -27,8 +27,11 @@ DEFAULT_RESULTS = "results/runs"
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    """Manifest fields set on the command line (--subset, --seeds)."""
+    """Manifest fields set on the command line (--subset, --seeds, --threads, --jobs)."""
     out: dict = {}
+    execution = {k: getattr(args, k) for k in ("threads", "jobs") if getattr(args, k, None) is not None}
+    if execution:
+        out["execution"] = execution
     if getattr(args, "subset", None) is not None:
         out["data"] = {"subset": args.subset}
     if getattr(args, "seeds", None) is not None:
@@ -64,10 +67,7 @@ def _sweep_args(parser: argparse.ArgumentParser, example: str,
     _subset_arg(parser)
     _seeds_arg(parser)
     _tiny_arg(parser)
-    parser.add_argument("--jobs", type=int, metavar="N",
-                        help="with the local executor: run N cells at once, each in its own process with the "
-                             "manifest's execution.threads threads (overrides execution.jobs; the mini protocol runs "
-                             "2 of 1 thread on 2 cores); a cell's numbers do not depend on it")
+    _execution_args(parser)
     parser.add_argument("--retry-failed", action="store_true",
                         help="run cells whose result says failed (a non-finite loss) again; by default they are "
                              "kept and skipped, as rerunning the same config fails the same way")
@@ -78,6 +78,16 @@ def _cell_args(parser: argparse.ArgumentParser, device_help: str = "override the
     """--only and --device, as every command that runs cells takes them."""
     parser.add_argument("--only", nargs="+", metavar="PATTERN", help="only cells whose id or row matches a glob")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help=device_help)
+
+
+def _execution_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="with the local executor: run N cells at once, each in its own process with "
+                             "execution.threads threads (overrides execution.jobs; the mini protocol runs 2 of 1 "
+                             "thread on 2 cores); a cell's numbers do not depend on it")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads per cell (overrides execution.threads; not part of a cell's id: the same "
+                             "cell with other threads differs in the last bits, see results/perf/mini-signal.md)")
 
 
 def _seeds_arg(parser: argparse.ArgumentParser) -> None:
@@ -175,8 +185,7 @@ def _run_here(args: argparse.Namespace, lm, render: bool = True) -> int:
     from fishertune.report.tables import RENDERERS
     from fishertune.runner.run import run_manifest
 
-    outcome = run_manifest(lm, args.results, only=args.only, device=args.device, retry_failed=args.retry_failed,
-                           jobs=args.jobs)
+    outcome = run_manifest(lm, args.results, only=args.only, device=args.device, retry_failed=args.retry_failed)
     for cell, status in outcome:
         print(f"{status:8s} {cell.id}{STATUS_NOTE.get(status, '')}")
     table = lm.manifest.table
@@ -381,8 +390,9 @@ def _cmd_regression(args: argparse.Namespace) -> int:
 
     if args.stored and len(args.manifest) > 1:
         raise UserError("--stored names one regression file; give one manifest with it")
-    if args.spread and args.action == "check":
-        raise UserError("--spread is for `regression update` (it measures the bands); `check` reads them")
+    if (args.spread or args.bands_from) and args.action == "check":
+        raise UserError("--spread and --bands-from are for `regression update` (they give the bands); `check` reads "
+                        "them from the stored file")
     # every manifest is read (and its grid expanded) before any cell runs: a typo stops it at once
     loaded = [load_manifest(path, _overrides(args), tiny=args.tiny) for path in args.manifest]
     for lm in loaded:
@@ -390,7 +400,7 @@ def _cmd_regression(args: argparse.Namespace) -> int:
     moved_total = 0
     for lm in loaded:
         if args.run:
-            for cell, status in run_manifest(lm, args.results, only=args.only, device=args.device, jobs=args.jobs):
+            for cell, status in run_manifest(lm, args.results, only=args.only, device=args.device):
                 print(f"{status:8s} {cell.id}")
         if args.action == "check":
             problems = regression.check(lm, args.results, args.stored, only=args.only)
@@ -400,7 +410,8 @@ def _cmd_regression(args: argparse.Namespace) -> int:
                                             else "no change beyond the stored bands"))
             moved_total += len(problems)
         else:
-            path, moved = regression.update(lm, args.results, args.spread or [], args.stored, only=args.only)
+            path, moved = regression.update(lm, args.results, args.spread or [], args.stored, only=args.only,
+                                            bands_from=args.bands_from)
             for line in moved:
                 print(line)
             print(f"wrote {path}" + (f"; {len(moved)} statistic(s) moved beyond the old bands (see git diff)"
@@ -685,7 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="update: results roots holding the same cells run in other environments (another "
                           "execution.threads, another torch minor version, another CPU); the bands are measured "
                           "from them (without: from the spread over seeds)")
-    reg.add_argument("--jobs", type=int, metavar="N", help="with --run: cells at once (execution.jobs)")
+    reg.add_argument("--bands-from", metavar="FILE",
+                     help="update: for statistics without a measured spread, the pooled spread of another "
+                          "manifest's stored numbers of the same protocol, e.g. results/regression/mini-table1.json")
+    _execution_args(reg)
     _cell_args(reg, "with --run: override the manifest's execution.device")
     _subset_arg(reg)
     _seeds_arg(reg)

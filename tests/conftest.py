@@ -39,10 +39,16 @@ MINI_PROTOCOL = Path(__file__).resolve().parents[1] / "benchmarks" / "mini" / "p
 @pytest.fixture
 def mini_manifest(tmp_path, synth_root):
     """``write(name, body, data=None) -> Path``: a manifest over the mini protocol with one tiny
-    backbone, reading the session's miniature (or ``data``, a YAML flow mapping) ; ``body`` adds fields."""
+    backbone, reading the session's miniature (or ``data``, a YAML flow mapping) ; ``body`` adds fields.
+    Its cells run one at a time in the test's own process (``execution.jobs: 1``, unless ``body`` sets
+    the execution section itself), so that a test's monkeypatches reach them."""
 
     def write(name: str, body: str, data: str | None = None, table: str = "table1") -> Path:
-        data = data or f"{{root: {synth_root}, synth_images: {SYNTH_IMAGES}}}"
+        data = data or f"{{root: {synth_root}, synth_images: {SYNTH_IMAGES}, synth_train_images: {2 * SYNTH_IMAGES}}}"
+        if "execution:" not in body:
+            body += "execution: {jobs: 1}\n"
+        elif "execution: {" in body:
+            body = body.replace("execution: {", "execution: {jobs: 1, ", 1)
         path = tmp_path / f"{name}.yaml"
         path.write_text(f"version: 1\nname: {name}\ntable: {table}\ninclude: {MINI_PROTOCOL}\n"
                         f"backbones: [dinov2-tiny]\n{body}data: {data}\n")

@@ -16,7 +16,7 @@ CTX = MethodContext(device=torch.device("cpu"), seed=0)
 
 def _segmentor(name: str) -> Segmentor:
     torch.manual_seed(0)
-    return Segmentor(build_backbone(name, seed=0), build_head("light", 64, 19, channels=32))
+    return Segmentor(build_backbone(name, pretrained=False, seed=0), build_head("light", 128, 19, channels=32))
 
 
 def _features(seg, x):

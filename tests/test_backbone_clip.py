@@ -22,6 +22,7 @@ from fishertune.errors import UserError
 NATIVE_IMG, NATIVE_PATCH = 56, 14
 
 
+SHAPE = {"width": 64, "layers": 4}  # the small shape these checkpoint tests are written for
 def _upstream_clip(quick_gelu: bool, layers: int = 4) -> nn.Module:
     """An independent open_clip ``CLIP`` (image and text towers): its keys are OpenAI's layout."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
@@ -78,7 +79,7 @@ def _native_backbone(quick_gelu: bool = True, layers: int = 4):
 # ---- the tiny variant -------------------------------------------------------------------------------
 
 def test_tiny_features_are_four_levels_at_strides_4_to_32_of_the_patch_grid():
-    b = build_backbone("clip-tiny", seed=0)
+    b = build_backbone("clip-tiny", pretrained=False, **SHAPE, seed=0)
     assert (b.family, b.embed_dim, b.patch_size, b.num_layers, b.out_indices) == ("clip", 64, 8, 4, (0, 1, 2, 3))
     feats = b.forward_features(torch.randn(2, 3, 64, 64))
     assert [tuple(f.shape) for f in feats] == [(2, 64, 32, 32), (2, 64, 16, 16), (2, 64, 8, 8), (2, 64, 4, 4)]
@@ -89,14 +90,14 @@ def test_tiny_features_are_four_levels_at_strides_4_to_32_of_the_patch_grid():
 
 
 def test_build_is_deterministic_for_a_seed():
-    a, b, c = (build_backbone("clip-tiny", seed=s) for s in (1, 1, 2))
+    a, b, c = (build_backbone("clip-tiny", pretrained=False, **SHAPE, seed=s) for s in (1, 1, 2))
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
     assert any(not torch.equal(p, r) for p, r in zip(a.parameters(), c.parameters()))
 
 
 def test_qkv_rows_reproduce_the_librarys_attention():
-    b = build_backbone("clip-tiny", seed=0).eval()
+    b = build_backbone("clip-tiny", pretrained=False, **SHAPE, seed=0).eval()
     slots = b.qkv()
     assert [s.block for s in slots] == [0, 1, 2, 3] and all(s.module is blk.attn for s, blk in zip(slots, b.blocks))
     slot = slots[2]
@@ -113,7 +114,7 @@ def test_qkv_rows_reproduce_the_librarys_attention():
 
 
 def test_attention_takes_the_fused_paths(monkeypatch):
-    b = build_backbone("clip-tiny", seed=0)
+    b = build_backbone("clip-tiny", pretrained=False, **SHAPE, seed=0)
     calls = {"sdpa": 0, "native": 0}
     sdpa, native = F.scaled_dot_product_attention, torch._native_multi_head_attention
 
@@ -135,7 +136,7 @@ def test_attention_takes_the_fused_paths(monkeypatch):
 
 
 def test_drop_path_rises_linearly_to_reins_rate_on_both_residual_branches():
-    b = build_backbone("clip-tiny", seed=0, drop_path_rate=0.3)
+    b = build_backbone("clip-tiny", pretrained=False, **SHAPE, seed=0, drop_path_rate=0.3)
     assert isinstance(b.blocks[0].ls_1, nn.Identity)  # linspace(0, 0.3, 4)[0] == 0
     assert [blk.ls_1.drop_prob for blk in list(b.blocks)[1:]] == pytest.approx([0.1, 0.2, 0.3])
     assert [blk.ls_2.drop_prob for blk in list(b.blocks)[1:]] == pytest.approx([0.1, 0.2, 0.3])
@@ -210,7 +211,7 @@ def test_archive_whose_pickle_calls_code_is_refused_without_running_it(openai_fi
     assert is_torchscript_archive(evil)
     refused = r"evil\.pt carries objects other than tensors .*references (__builtin__\.print|posix\.system)"
     with pytest.raises(UserError, match=refused):
-        load_clip(build_backbone("clip-tiny", seed=0), evil)
+        load_clip(build_backbone("clip-tiny", pretrained=False, **SHAPE, seed=0), evil)
     assert not marker.exists() and "code ran" not in capsys.readouterr().out
 
 
@@ -219,7 +220,7 @@ def test_damaged_archives_are_one_line_errors(openai_file, tmp_path):
     cut = tmp_path / "cut.pt"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match=r"cut\.pt cannot be read .*truncated"):
-        load_clip(build_backbone("clip-tiny", seed=0), cut)
+        load_clip(build_backbone("clip-tiny", pretrained=False, **SHAPE, seed=0), cut)
     # a storage record missing from an otherwise intact archive
     holed = tmp_path / "holed.pt"
     with zipfile.ZipFile(openai_file) as src, zipfile.ZipFile(holed, "w") as dst:
@@ -227,7 +228,7 @@ def test_damaged_archives_are_one_line_errors(openai_file, tmp_path):
             if not item.filename.endswith("/data/3"):
                 dst.writestr(item, src.read(item))
     with pytest.raises(UserError, match=r"holed\.pt cannot be read \(storage \S+/data/3 is missing\)"):
-        load_clip(build_backbone("clip-tiny", seed=0), holed)
+        load_clip(build_backbone("clip-tiny", pretrained=False, **SHAPE, seed=0), holed)
 
 
 # ---- loading the official formats --------------------------------------------------------------------
@@ -238,7 +239,7 @@ def test_openai_archive_loads_unchanged_at_native_patch_and_resampled_at_16(open
 
     monkeypatch.setattr(torch.jit, "load", refuse)
     src = openai_clip.visual.state_dict()
-    native = build_backbone("clip-tiny", seed=0, img_size=NATIVE_IMG, patch_size=NATIVE_PATCH)
+    native = build_backbone("clip-tiny", pretrained=False, **SHAPE, seed=0, img_size=NATIVE_IMG, patch_size=NATIVE_PATCH)
     load_clip(native, openai_file)
     ours = native.state_dict()
     assert set(ours) == {k for k in (f"visual.{n}" for n in src) if not k.startswith(("visual.proj", "visual.ln_post"))}
@@ -247,7 +248,7 @@ def test_openai_archive_loads_unchanged_at_native_patch_and_resampled_at_16(open
     # Rein's setting: patch 16, here at 128 px: kernel 14 -> 16, the 4x4 position grid -> 8x8, class position kept
     from timm.layers import resample_patch_embed
 
-    rein = build_backbone("clip-tiny", seed=0, img_size=128, patch_size=16)
+    rein = build_backbone("clip-tiny", pretrained=False, **SHAPE, seed=0, img_size=128, patch_size=16)
     load_clip(rein, openai_file)
     v = rein.visual
     assert v.conv1.weight.shape == (64, 3, 16, 16) and v.positional_embedding.shape == (1 + 8 * 8, 64)
@@ -310,7 +311,7 @@ def test_checkpoint_of_another_family_is_refused(tmp_path):
     path = tmp_path / "dinov2_vitl14_pretrain.pth"
     torch.save(dinov2.state_dict(), path)
     with pytest.raises(UserError, match=r"dinov2_vitl14_pretrain\.pth has no `visual\.\*` keys"):
-        load_clip(build_backbone("clip-tiny", seed=0), path)
+        load_clip(build_backbone("clip-tiny", pretrained=False, **SHAPE, seed=0), path)
 
 
 def test_wrong_depth_missing_key_and_unknown_key_are_one_line_errors(openai_file, tmp_path):
@@ -344,5 +345,5 @@ def test_plain_pickle_carrying_code_is_refused(tmp_path, capsys):
     with open(evil, "wb") as f:
         pickle.dump({"visual.conv1.weight": Payload()}, f)
     with pytest.raises(UserError, match="other than tensors|cannot be read"):
-        load_clip(build_backbone("clip-tiny", seed=0), evil)
+        load_clip(build_backbone("clip-tiny", pretrained=False, **SHAPE, seed=0), evil)
     assert "code ran" not in capsys.readouterr().out

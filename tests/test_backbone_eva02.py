@@ -24,6 +24,7 @@ from fishertune.backbones.eva02 import load_eva02
 from fishertune.errors import UserError
 
 DIM, DEPTH, HEADS, GRID = 64, 4, 4, 6  # tiny width; the official file's 14-px grid is GRID x GRID
+SHAPE = {"embed_dim": 64, "depth": 4}  # the small shape these checkpoint tests are written for
 HEAD_DIM = DIM // HEADS
 
 
@@ -104,11 +105,11 @@ def official(tmp_path_factory):
 
 
 def _native(**kw) -> Backbone:
-    return build_backbone("eva02-tiny", seed=0, img_size=14 * GRID, patch_size=14, **kw).eval()
+    return build_backbone("eva02-tiny", pretrained=False, **SHAPE, seed=0, img_size=14 * GRID, patch_size=14, **kw).eval()
 
 
 def test_tiny_features_are_four_levels_at_strides_4_to_32_of_the_patch_grid():
-    b = build_backbone("eva02-tiny", seed=0)
+    b = build_backbone("eva02-tiny", pretrained=False, **SHAPE, seed=0)
     feats = b.forward_features(torch.randn(2, 3, 64, 64))
     grid = 64 // b.patch_size
     assert b.patch_size == 8 and b.family == "eva02" and b.out_indices == (0, 1, 2, 3)
@@ -117,7 +118,7 @@ def test_tiny_features_are_four_levels_at_strides_4_to_32_of_the_patch_grid():
 
 
 def test_build_is_deterministic_for_a_seed():
-    a, b, c = (build_backbone("eva02-tiny", seed=s) for s in (1, 1, 2))
+    a, b, c = (build_backbone("eva02-tiny", pretrained=False, **SHAPE, seed=s) for s in (1, 1, 2))
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
     assert any(not torch.equal(p, r) for p, r in zip(a.parameters(), c.parameters()))
@@ -168,7 +169,7 @@ def test_features_equal_timm_evas_own_block_outputs_at_native_patch_14(official)
 def test_rotary_table_is_evas_16x16_grid_interpolated_to_the_runs_grid(official):
     _, _, path = official
     for img, patch in ((14 * GRID, 14), (64, 16), (64, 8)):
-        b = build_backbone("eva02-tiny", seed=0, img_size=img, patch_size=patch)
+        b = build_backbone("eva02-tiny", pretrained=False, **SHAPE, seed=0, img_size=img, patch_size=patch)
         grid = img // patch
         _, rope = b.eva._pos_embed(b.eva.patch_embed(torch.zeros(1, 3, img, img)))
         sin, cos = rope.tensor_split(2, dim=-1)  # timm's table: cat([sin, cos])
@@ -179,7 +180,7 @@ def test_rotary_table_is_evas_16x16_grid_interpolated_to_the_runs_grid(official)
 
 def test_reins_setting_patch_16_resamples_kernel_and_position_grid(official):
     _, state, path = official
-    b = build_backbone("eva02-tiny", seed=0, img_size=64, patch_size=16).eval()
+    b = build_backbone("eva02-tiny", pretrained=False, **SHAPE, seed=0, img_size=64, patch_size=16).eval()
     load_eva02(b, path)
     kernel = resample_patch_embed(state["patch_embed.proj.weight"], [16, 16], interpolation="bicubic", antialias=True)
     pos = resample_abs_pos_embed(state["pos_embed"], new_size=[4, 4], old_size=[GRID, GRID], num_prefix_tokens=1,
@@ -201,7 +202,7 @@ def test_p14to16_file_with_16px_kernel_and_resized_grid_loads_unchanged(official
     conv["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=[4, 4], num_prefix_tokens=1)
     path = tmp_path / "eva02_L_pt_m38m_p14to16.pt"
     torch.save({"model": conv}, path)
-    b = build_backbone("eva02-tiny", seed=0, img_size=64, patch_size=16)
+    b = build_backbone("eva02-tiny", pretrained=False, **SHAPE, seed=0, img_size=64, patch_size=16)
     load_eva02(b, path)
     assert torch.equal(b.eva.patch_embed.proj.weight, conv["patch_embed.proj.weight"])
     assert torch.equal(b.eva.pos_embed, conv["pos_embed"])

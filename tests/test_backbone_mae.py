@@ -14,6 +14,7 @@ from fishertune.errors import UserError
 DIM, DEPTH, GRID = 64, 4, 6
 
 
+SHAPE = {"embed_dim": 64, "depth": 4}  # the small shape these checkpoint tests are written for
 def _upstream(patch=14, grid=GRID, init_values=None):
     """An independent MAE-style encoder (MAE's models_vit is this timm class), at tiny width."""
     torch.manual_seed(5)
@@ -49,7 +50,7 @@ def _block_outputs(vit, x):
 def test_native_patch_features_equal_the_upstream_encoders_block_outputs(tmp_path):
     up = _upstream()
     path = _official_file(tmp_path, up)
-    ours = build_backbone("mae-tiny", seed=0, img_size=14 * GRID, patch_size=14).eval()
+    ours = build_backbone("mae-tiny", pretrained=False, **SHAPE, seed=0, img_size=14 * GRID, patch_size=14).eval()
     load_mae(ours, path)
     for (n, p), q in zip(ours.vit.named_parameters(), up.parameters()):
         assert torch.equal(p, q), n
@@ -66,7 +67,7 @@ def test_native_patch_features_equal_the_upstream_encoders_block_outputs(tmp_pat
 def test_reins_setting_resamples_the_14_kernel_to_16_and_the_grid_to_the_input(tmp_path):
     up = _upstream()
     path = _official_file(tmp_path, up)
-    ours = build_backbone("mae-tiny", seed=0, img_size=64, patch_size=16)
+    ours = build_backbone("mae-tiny", pretrained=False, **SHAPE, seed=0, img_size=64, patch_size=16)
     load_mae(ours, path)
     expect_kernel = resample_patch_embed(up.patch_embed.proj.weight.detach(), [16, 16], interpolation="bicubic",
                                          antialias=True)
@@ -83,7 +84,7 @@ def test_encoder_only_safetensors_export_loads(tmp_path):
     up = _upstream(patch=8, grid=8)
     path = tmp_path / "mae_pretrain_vit_large.safetensors"
     save_file({k: v.contiguous() for k, v in up.state_dict().items()}, str(path))
-    ours = build_backbone("mae-tiny", seed=1)
+    ours = build_backbone("mae-tiny", pretrained=False, **SHAPE, seed=1)
     load_mae(ours, path)
     assert torch.equal(ours.vit.cls_token, up.cls_token)
 
@@ -93,7 +94,7 @@ def test_a_dinov2_checkpoint_is_refused_naming_its_layer_scale_keys(tmp_path):
     path = tmp_path / "dinov2_vitl14_pretrain.pth"
     torch.save(dino.state_dict(), path)
     with pytest.raises(UserError, match=r"dinov2_vitl14_pretrain\.pth.*unexpected: blocks\.0\.ls1\.gamma"):
-        load_mae(build_backbone("mae-tiny", seed=0, img_size=84, patch_size=14), path)
+        load_mae(build_backbone("mae-tiny", pretrained=False, **SHAPE, seed=0, img_size=84, patch_size=14), path)
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -102,7 +103,7 @@ def test_truncated_file_and_pickled_code_are_refused_without_running_it(tmp_path
     cut = tmp_path / "cut.pth"
     cut.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(UserError, match=r"cut\.pth cannot be read"):
-        load_mae(build_backbone("mae-tiny", seed=0), cut)
+        load_mae(build_backbone("mae-tiny", pretrained=False, **SHAPE, seed=0), cut)
 
     class Payload:
         def __reduce__(self):
@@ -111,7 +112,7 @@ def test_truncated_file_and_pickled_code_are_refused_without_running_it(tmp_path
     evil = tmp_path / "evil.pth"
     evil.write_bytes(pickle.dumps({"model": Payload()}))
     with pytest.raises(UserError, match="evil.pth"):
-        load_mae(build_backbone("mae-tiny", seed=0), evil)
+        load_mae(build_backbone("mae-tiny", pretrained=False, **SHAPE, seed=0), evil)
     assert "code ran" not in capsys.readouterr().out
 
 

@@ -15,6 +15,7 @@ from fishertune.backbones.sam import load_sam
 from fishertune.errors import UserError
 
 DIM, DEPTH, HEADS, PATCH, WINDOW, GLOBAL = 64, 4, 4, 8, 3, (1, 3)
+SHAPE = {"embed_dim": 64, "depth": 4, "global_attn_indexes": (1, 3), "out_chans": 32}  # the small shape these tests are written for
 NATIVE = 128  # the tiny "official" model's pretraining size: a 16x16 grid (SAM-H: 1024 -> 64x64)
 
 
@@ -61,11 +62,11 @@ def _block_outputs(encoder, x):
 
 
 def _tiny(**kwargs):
-    return build_backbone("sam-tiny", seed=0, **kwargs).eval()
+    return build_backbone("sam-tiny", pretrained=False, **SHAPE, seed=0, **kwargs).eval()
 
 
 def test_tiny_features_are_four_levels_and_exercise_padded_and_global_attention():
-    b = build_backbone("sam-tiny", seed=0)
+    b = build_backbone("sam-tiny", pretrained=False, **SHAPE, seed=0)
     assert [blk.window_size for blk in b.blocks] == [3, 0, 3, 0]  # 8x8 grid is padded to 9x9 for 3x3 windows
     assert all(isinstance(blk, Block) for blk in b.blocks) and b.out_indices == (0, 1, 2, 3)
     feats = b.forward_features(torch.randn(2, 3, 64, 64))
@@ -244,7 +245,7 @@ def test_truncated_file_and_pickled_code_are_refused_without_running_it(tmp_path
 
 
 def test_drop_path_is_per_block_per_branch_and_keeps_segment_anythings_forward():
-    b = build_backbone("sam-tiny", seed=0, drop_path_rate=0.3, attention="explicit")
+    b = build_backbone("sam-tiny", pretrained=False, **SHAPE, seed=0, drop_path_rate=0.3, attention="explicit")
     rates = [getattr(blk.drop_path, "drop_prob", 0.0) for blk in b.blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])  # linear from 0, as Rein's CLIP
     # no parameter or key added: the state_dict is segment-anything's own encoder's (neck removed)
@@ -316,8 +317,8 @@ def test_sdpa_attention_the_default_equals_segment_anythings_own_up_to_rounding(
             torch.testing.assert_close(f, g, rtol=1e-5, atol=1e-5)
             assert not torch.equal(f, g) or f.abs().max() == 0  # really another computation
     # and in training, with drop path, the same random draws give the same outputs
-    sdpa_t = build_backbone("sam-tiny", seed=0, drop_path_rate=0.3).train()
-    explicit_t = build_backbone("sam-tiny", seed=0, drop_path_rate=0.3, attention="explicit").train()
+    sdpa_t = build_backbone("sam-tiny", pretrained=False, **SHAPE, seed=0, drop_path_rate=0.3).train()
+    explicit_t = build_backbone("sam-tiny", pretrained=False, **SHAPE, seed=0, drop_path_rate=0.3, attention="explicit").train()
     torch.manual_seed(3)
     a = sdpa_t.forward_features(x)
     torch.manual_seed(3)

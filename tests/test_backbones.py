@@ -11,8 +11,9 @@ from fishertune.backbones.dinov2 import load_dinov2
 from fishertune.errors import UserError
 
 
+SHAPE = {"embed_dim": 64, "depth": 4}  # the small shape these checkpoint tests are written for
 def test_tiny_features_are_four_levels_at_strides_4_to_32_of_the_patch16_grid():
-    b = build_backbone("dinov2-tiny", seed=0, img_size=64)
+    b = build_backbone("dinov2-tiny", pretrained=False, **SHAPE, seed=0, img_size=64)
     feats = b.forward_features(torch.randn(2, 3, 64, 64))
     grid = 64 // b.patch_size
     assert [f.shape[-1] for f in feats] == [grid * 4, grid * 2, grid, grid // 2]
@@ -21,14 +22,14 @@ def test_tiny_features_are_four_levels_at_strides_4_to_32_of_the_patch16_grid():
 
 
 def test_build_is_deterministic_for_a_seed():
-    a, b, c = (build_backbone("dinov2-tiny", seed=s) for s in (1, 1, 2))
+    a, b, c = (build_backbone("dinov2-tiny", pretrained=False, **SHAPE, seed=s) for s in (1, 1, 2))
     for (n, p), (_, q), (_, r) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters()):
         assert torch.equal(p, q), n
     assert any(not torch.equal(p, r) for p, r in zip(a.parameters(), c.parameters()))
 
 
 def test_qkv_rows_address_query_key_value():
-    b = build_backbone("dinov2-tiny", seed=0)
+    b = build_backbone("dinov2-tiny", pretrained=False, **SHAPE, seed=0)
     slots = b.qkv()
     assert len(slots) == b.num_layers
     slot = slots[1]
@@ -63,12 +64,12 @@ def test_official_dinov2_checkpoint_loads_with_patch_resampled_to_16(tmp_path):
     path = tmp_path / "dinov2_vitl14_pretrain.pth"
     torch.save(state, path)
     # native patch 14: every tensor arrives unchanged
-    native = build_backbone("dinov2-tiny", seed=0, img_size=84, patch_size=14)
+    native = build_backbone("dinov2-tiny", pretrained=False, **SHAPE, seed=0, img_size=84, patch_size=14)
     load_dinov2(native, path)
     for (n, p), q in zip(native.vit.named_parameters(), src.parameters()):
         assert torch.equal(p, q), n
     # Rein's setting: patch 16 at 64 px: kernel resampled, 6x6 position grid resized to 4x4
-    rein = build_backbone("dinov2-tiny", seed=0, img_size=64, patch_size=16)
+    rein = build_backbone("dinov2-tiny", pretrained=False, **SHAPE, seed=0, img_size=64, patch_size=16)
     load_dinov2(rein, path)
     assert rein.vit.patch_embed.proj.weight.shape[-1] == 16
     assert rein.vit.pos_embed.shape[1] == 1 + 4 * 4
@@ -81,7 +82,7 @@ def test_missing_key_is_one_line_naming_file_and_key(tmp_path):
     path = tmp_path / "truncated.pth"
     torch.save(state, path)
     with pytest.raises(UserError, match=r"truncated\.pth.*missing: vit\.blocks\.2\.attn\.qkv\.weight|truncated\.pth.*1 missing: blocks\.2\.attn\.qkv\.weight"):
-        load_dinov2(build_backbone("dinov2-tiny", seed=0, img_size=84, patch_size=14), path)
+        load_dinov2(build_backbone("dinov2-tiny", pretrained=False, **SHAPE, seed=0, img_size=84, patch_size=14), path)
 
 
 def test_wrong_family_checkpoint_is_refused(tmp_path):
@@ -89,7 +90,7 @@ def test_wrong_family_checkpoint_is_refused(tmp_path):
     path = tmp_path / "other.pth"
     torch.save(state, path)
     with pytest.raises(UserError, match="unexpected: blocks.4"):
-        load_dinov2(build_backbone("dinov2-tiny", seed=0, img_size=84, patch_size=14), path)
+        load_dinov2(build_backbone("dinov2-tiny", pretrained=False, **SHAPE, seed=0, img_size=84, patch_size=14), path)
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -100,7 +101,7 @@ def test_truncated_file_and_pickled_code_are_refused(tmp_path):
     cut = tmp_path / "cut.pth"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(UserError, match="cannot be read"):
-        load_dinov2(build_backbone("dinov2-tiny", seed=0, img_size=84, patch_size=14), cut)
+        load_dinov2(build_backbone("dinov2-tiny", pretrained=False, **SHAPE, seed=0, img_size=84, patch_size=14), cut)
 
     class Payload:
         def __reduce__(self):
@@ -110,7 +111,7 @@ def test_truncated_file_and_pickled_code_are_refused(tmp_path):
     with open(evil, "wb") as f:
         pickle.dump({"model": Payload()}, f)
     with pytest.raises(UserError, match="other than tensors|cannot be read"):
-        load_dinov2(build_backbone("dinov2-tiny", seed=0), evil)
+        load_dinov2(build_backbone("dinov2-tiny", pretrained=False, **SHAPE, seed=0), evil)
 
 
 def test_missing_weights_say_where_they_were_looked_for(monkeypatch, tmp_path):
@@ -136,7 +137,7 @@ def test_every_family_has_a_tiny_variant_and_a_full_size_one_with_official_weigh
 
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_backbone_honours_the_interface(name):
-    b = build_backbone(name, seed=0, img_size=64)
+    b = build_backbone(name, pretrained=False, seed=0, img_size=64)
     assert b.family == BACKBONES.get(name).family
     assert len(b.blocks) == b.num_layers and b.out_indices == default_out_indices(b.num_layers)
     x = torch.randn(2, 3, 64, 64, requires_grad=False)
@@ -154,7 +155,7 @@ def test_tiny_backbone_honours_the_interface(name):
     slots = b.qkv()
     assert [s.block for s in slots] == list(range(b.num_layers))
     for which in "qkv":
-        c = build_backbone(name, seed=0, img_size=64)
+        c = build_backbone(name, pretrained=False, seed=0, img_size=64)
         slot = c.qkv()[0]
         with torch.no_grad():
             w = getattr(slot.module, slot.weight)
@@ -166,7 +167,7 @@ def test_tiny_backbone_honours_the_interface(name):
 
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_backbone_runs_at_another_size_and_native_patching(name):
-    b = build_backbone(name, seed=0, img_size=32, patch_size=4)
+    b = build_backbone(name, pretrained=False, seed=0, img_size=32, patch_size=4)
     feats = b.forward_features(torch.randn(1, 3, 32, 32))
     assert feats[2].shape[-2:] == (8, 8) and b.patch_size == 4
 

@@ -17,7 +17,7 @@ IMAGES = 5  # batches of 2, 2 and 1 (the last cut to the remainder)
 
 def _segmentor():
     torch.manual_seed(0)
-    return Segmentor(build_backbone("dinov2-tiny", seed=0), build_head("light", 64, 19, channels=32))
+    return Segmentor(build_backbone("dinov2-tiny", pretrained=False, seed=0), build_head("light", 128, 19, channels=32))
 
 
 def _batches():

@@ -32,11 +32,14 @@ def files(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_real_layout_and_counts(synth_root, synth_images, name):
+    """Training sources (GTAV, Cityscapes train) get train_images (2 x images by default), every other
+    split images (per ACDC condition)."""
     root = synth_root / name
-    per_folder = 2 * synth_images if name == "gtav" else synth_images
     written = {p for p in root.rglob("*") if p.is_file()}
     listed = set()
     for image_glob, label_glob in LAYOUTS[name]:
+        source = name == "gtav" or (name == "cityscapes" and "/train/" in image_glob)
+        per_folder = 2 * synth_images if source else synth_images
         images, labels = sorted(root.glob(image_glob)), sorted(root.glob(label_glob))
         assert len(images) == len(labels) == per_folder, (image_glob, len(images), len(labels))
         listed |= set(images) | set(labels)
@@ -58,13 +61,14 @@ def test_name_shapes(synth_root):
 
 def test_marker_records_parameters(synth_root, synth_images, synth_counts):
     marker = json.loads((synth_root / "SYNTH.json").read_text())
-    assert (marker["seed"], marker["images"]) == (0, synth_images)
+    assert (marker["seed"], marker["images"], marker["train_images"]) == (0, synth_images, 2 * synth_images)
     assert synth_counts["gtav"] == {"train": 2 * synth_images}
+    assert synth_counts["cityscapes"] == {"train": 2 * synth_images, "val": synth_images}
     assert synth_counts["acdc"]["val/night"] == synth_images
     assert not list(synth_root.glob(".tmp-*")) and not (synth_root / synth_module.REPLACING).exists()
 
 
-@pytest.mark.parametrize("name, size", [("gtav", (192, 106)), ("cityscapes", (256, 128)),
+@pytest.mark.parametrize("name, size", [("gtav", (256, 141)), ("cityscapes", (256, 128)),
                                         ("bdd100k", (256, 144)), ("acdc", (240, 135))])
 def test_sizes_keep_real_aspect_ratios(synth_root, name, size):
     image_glob, label_glob = LAYOUTS[name][0]

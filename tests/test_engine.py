@@ -47,7 +47,7 @@ def test_poly_schedule():
 def test_param_groups_exempt_norms_embeddings_tokens_and_scales():
     from fishertune.backbones import build_backbone
 
-    model = build_backbone("dinov2-tiny", seed=0)
+    model = build_backbone("dinov2-tiny", pretrained=False, seed=0)
     decay, plain = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     plain_names = {names[id(p)] for p in plain["params"]}

@@ -179,7 +179,7 @@ def test_sample_labels_keep_ignore_and_follow_normalised_scores():
     from fishertune.heads import build_head
 
     m2f = nn.Module()
-    m2f.head = build_head("mask2former-tiny", 64, 19)
+    m2f.head = build_head("mask2former-tiny", 128, 19)
     assert _score_kind(m2f, "auto") == "probabilities" and _score_kind(PixelClassifier(), "auto") == "logits"
     # logits: the softmax
     torch.testing.assert_close(class_probabilities(scores.log(), "logits")[0, :, 0, 0], torch.tensor([0.2, 0.8, 0.0]))
@@ -412,7 +412,7 @@ def test_on_a_tiny_segmentor():
     from fishertune.segmentor import Segmentor
 
     torch.manual_seed(0)
-    seg = Segmentor(build_backbone("dinov2-tiny", seed=0), build_head("light", 64, 19, channels=32))
+    seg = Segmentor(build_backbone("dinov2-tiny", pretrained=False, seed=0), build_head("light", 128, 19, channels=32))
     seg.train()
     params = block_parameters(seg.backbone)
     before = {n: p.detach().clone() for n, p in params.items()}

@@ -24,9 +24,15 @@ FAMILIES = ("clip", "mae", "sam", "eva02", "dinov2")
 pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny passes (conftest.py)
 
 
+#: the small shape HAND_COUNTS is written for (width 64, 4 blocks; the shipped tiny models are larger)
+SMALL = {"clip": {"width": 64, "layers": 4}, "sam": {"embed_dim": 64, "depth": 4, "global_attn_indexes": (1, 3),
+                                                    "out_chans": 32}}
+
+
 @pytest.fixture(scope="module")
 def backbones():
-    return {f: build_backbone(f"{f}-tiny", seed=0) for f in FAMILIES}
+    return {f: build_backbone(f"{f}-tiny", pretrained=False, seed=0, **SMALL.get(f, {"embed_dim": 64, "depth": 4}))
+            for f in FAMILIES}
 
 
 def _gen(seed: int) -> torch.Generator:

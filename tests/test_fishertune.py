@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny passes (conftest
 
 def _segmentor():
     torch.manual_seed(0)
-    return Segmentor(build_backbone("dinov2-tiny", seed=0), build_head("light", 64, 19, channels=32))
+    return Segmentor(build_backbone("dinov2-tiny", pretrained=False, seed=0), build_head("light", 128, 19, channels=32))
 
 
 def _context(tmp_path, calls, identity=None):

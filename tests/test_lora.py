@@ -19,7 +19,7 @@ CTX = MethodContext(device=torch.device("cpu"), seed=0)
 
 def _segmentor(name: str) -> Segmentor:
     torch.manual_seed(0)
-    return Segmentor(build_backbone(name, seed=0), build_head("light", 64, 19, channels=32))
+    return Segmentor(build_backbone(name, pretrained=False, seed=0), build_head("light", 128, 19, channels=32))
 
 
 def _loras(seg):
@@ -133,7 +133,7 @@ def test_dropout_on_linear_slots_is_on_the_lora_input_only():
     slot = seg.backbone.qkv()[0]
     lin, lora = slot.module, slot.module.parametrizations.weight[0]
     w = lin.parametrizations.weight.original.detach()
-    x = torch.randn(3, 7, 64)
+    x = torch.randn(3, 7, seg.backbone.embed_dim)
     lin.train()
     torch.manual_seed(1)
     out = lin(x)

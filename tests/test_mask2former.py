@@ -160,7 +160,7 @@ def _tiny_segmentor(seed=0):
     from fishertune.segmentor import Segmentor
 
     torch.manual_seed(seed)
-    return Segmentor(build_backbone("dinov2-tiny", seed=0), build_head("mask2former-tiny", 64, 19))
+    return Segmentor(build_backbone("dinov2-tiny", pretrained=False, seed=0), build_head("mask2former-tiny", 128, 19))
 
 
 def test_tiny_head_overfits_one_small_batch(synth_root):

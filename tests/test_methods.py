@@ -24,7 +24,7 @@ QUICK = {"fishertune": {"images": 4, "variational": {"steps": 3}}}
 @pytest.mark.parametrize("method", registered_methods())
 def test_method_contract(backbone, method):
     torch.manual_seed(0)
-    seg = Segmentor(build_backbone(backbone, seed=0), build_head("mask2former-tiny", 64, 19))
+    seg = Segmentor(build_backbone(backbone, pretrained=False, seed=0), build_head("mask2former-tiny", 128, 19))
     m = build_method(method, QUICK.get(method))
     gen = torch.Generator().manual_seed(1)
     source = [(torch.randn(2, 3, 64, 64, generator=gen), torch.randint(0, 19, (2, 64, 64), generator=gen))
@@ -65,7 +65,7 @@ def test_method_contract(backbone, method):
 
 
 def test_full_and_freeze_counts():
-    seg = Segmentor(build_backbone("dinov2-tiny", seed=0), build_head("light", 64, 19, channels=32))
+    seg = Segmentor(build_backbone("dinov2-tiny", pretrained=False, seed=0), build_head("light", 128, 19, channels=32))
     total = sum(p.numel() for p in seg.backbone.parameters())
     ctx = MethodContext(device=torch.device("cpu"), seed=0)
     full, freeze = build_method("full"), build_method("freeze")

@@ -28,7 +28,7 @@ def test_the_guides_method_registers_and_trains_only_biases():
     exec(compile(_guide_code(), str(README), "exec"), module.__dict__)  # noqa: S102 - our own README
     try:
         assert "bitfit" in METHODS
-        seg = Segmentor(build_backbone("clip-tiny", seed=0), build_head("light", 64, 19, channels=32))
+        seg = Segmentor(build_backbone("clip-tiny", pretrained=False, seed=0), build_head("light", 128, 19, channels=32))
         method = build_method("bitfit")
         method.apply(seg, MethodContext(device=torch.device("cpu"), seed=0))
         biases = {n for n, p in seg.backbone.named_parameters() if n.endswith("bias")}

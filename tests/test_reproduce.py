@@ -67,7 +67,8 @@ def test_tiny_override_swaps_backbones_and_protocol_but_keeps_the_grid_and_data(
     mini = load_manifest(ROOT / "benchmarks" / "mini" / "table1.yaml")
     assert tiny.manifest.backbones == ["clip-tiny", "mae-tiny", "sam-tiny", "eva02-tiny", "dinov2-tiny"]
     assert tiny.results_name == "table1-tiny" and real.results_name == "table1"
-    assert not tiny.manifest.pretrained and tiny.manifest.data == real.manifest.data  # real data, no weights
+    # real data; the tiny foundation models shipped in the package, no checkpoint paths
+    assert tiny.manifest.pretrained and not tiny.manifest.weights and tiny.manifest.data == real.manifest.data
     for field in ("head", "train", "eval", "method_configs"):
         assert getattr(tiny.manifest, field) == getattr(mini.manifest, field), field
     # the same grid as the real manifest, row for row; the cells of the mini table but for the data kind

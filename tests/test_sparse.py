@@ -126,7 +126,7 @@ def test_bad_indices_are_refused():
 
 
 def test_state_of_a_5_percent_mask_is_small():
-    backbone = build_backbone("dinov2-tiny", seed=0)
+    backbone = build_backbone("dinov2-tiny", pretrained=False, seed=0)
     dense_model = copy.deepcopy(backbone)
     dense = torch.optim.AdamW(dense_model.parameters(), lr=1e-3)
     for p in dense_model.parameters():
@@ -192,7 +192,7 @@ def test_budget_on_vit_l_is_15_21m(name):
 
 
 def test_budget_errors():
-    backbone = build_backbone("dinov2-tiny", seed=0)
+    backbone = build_backbone("dinov2-tiny", pretrained=False, seed=0)
     with pytest.raises(UserError, match=r"field 'budget': 1.5 \(150%\).*\(0, 1\]"):
         budget_elements(backbone, 1.5, where="field 'budget'")
     with pytest.raises(UserError, match=r"must be in \(0, 1\]"):
@@ -208,7 +208,7 @@ def test_block_parameters_are_named_as_in_the_segmentor():
     from fishertune.segmentor import Segmentor
 
     for name in ("dinov2-tiny", "clip-tiny"):
-        seg = Segmentor(build_backbone(name, seed=0), build_head("light", 64, 19, channels=32))
+        seg = Segmentor(build_backbone(name, pretrained=False, seed=0), build_head("light", 128, 19, channels=32))
         params = block_parameters(seg.backbone)
         named = dict(seg.named_parameters())
         assert params and all(named[n] is p for n, p in params.items())

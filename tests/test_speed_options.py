@@ -28,7 +28,7 @@ class Images(torch.utils.data.Dataset):
 
 def _train(precision="fp32", compile=False, iterations=2):
     torch.manual_seed(0)
-    seg = Segmentor(build_backbone("dinov2-tiny", seed=0), build_head("light", 64, 19, channels=16))
+    seg = Segmentor(build_backbone("dinov2-tiny", pretrained=False, seed=0), build_head("light", 128, 19, channels=16))
     method = build_method("full")
     seen = []
     seg.backbone.blocks[-1].mlp.fc1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))

@@ -19,7 +19,7 @@ CTX = MethodContext(device=torch.device("cpu"), seed=0)
 
 def _segmentor(name: str, head: str = "mask2former-tiny") -> Segmentor:
     torch.manual_seed(0)
-    bb = build_backbone(name, seed=0)
+    bb = build_backbone(name, pretrained=False, seed=0)
     kwargs = {"channels": 32} if head == "light" else {}
     return Segmentor(bb, build_head(head, bb.embed_dim, 19, **kwargs)).eval()
 
@@ -76,8 +76,7 @@ def test_vpt_on_eva02_gives_prompts_no_rotary_position_like_the_class_token():
 
 def _sam_sequence_block(bb):
     """A global-attention SAM block without relative positions: a sequence block on a (B, 1, L, C) map."""
-    blk = bb.blocks[1]
-    assert blk.window_size == 0
+    blk = next(b for b in bb.blocks if b.window_size == 0)
     blk.attn.use_rel_pos = False
     return blk
 
@@ -85,9 +84,9 @@ def _sam_sequence_block(bb):
 def test_sam_prompts_are_the_keys_and_values_of_inserted_tokens():
     # on a 1 x L token row SAM's block is a plain sequence block, so inserting prompts is possible there
     # and must give the patch tokens what forward_extended gives them with prompts as keys/values only
-    bb = build_backbone("sam-tiny", seed=0).eval()
+    bb = build_backbone("sam-tiny", pretrained=False, seed=0).eval()
     blk = _sam_sequence_block(bb)
-    x, prompts = torch.randn(2, 1, 16, 64), torch.randn(2, 5, 64)
+    x, prompts = torch.randn(2, 1, 16, bb.embed_dim), torch.randn(2, 5, bb.embed_dim)
     with torch.no_grad():
         inserted = blk(torch.cat([prompts.unsqueeze(1), x], dim=2))[:, :, 5:]
         ours, _ = blk.forward_extended(x, prompts, None)
@@ -95,9 +94,9 @@ def test_sam_prompts_are_the_keys_and_values_of_inserted_tokens():
 
 
 def test_sam_queries_read_every_token_and_change_none():
-    bb = build_backbone("sam-tiny", seed=0).eval()
+    bb = build_backbone("sam-tiny", pretrained=False, seed=0).eval()
     blk = _sam_sequence_block(bb)
-    x, queries = torch.randn(2, 1, 16, 64), torch.randn(2, 3, 64)
+    x, queries = torch.randn(2, 1, 16, bb.embed_dim), torch.randn(2, 3, bb.embed_dim)
     with torch.no_grad():
         joint = blk(torch.cat([x, queries.unsqueeze(1)], dim=2))  # queries' outputs equal in both
         ours, out = blk.forward_extended(x, None, queries)
@@ -108,8 +107,8 @@ def test_sam_queries_read_every_token_and_change_none():
 
 def test_sam_extended_path_without_extra_tokens_equals_segment_anything():
     # the SDPA path with SAM's decomposed bias as mask, on windowed and global blocks (padding 8 -> 9)
-    bb = build_backbone("sam-tiny", seed=0).eval()
-    x = torch.randn(2, 8, 8, 64)
+    bb = build_backbone("sam-tiny", pretrained=False, seed=0).eval()
+    x = torch.randn(2, 8, 8, bb.embed_dim)
     with torch.no_grad():
         for blk in bb.blocks:
             torch.testing.assert_close(blk.forward_extended(x, None, None)[0], blk(x), rtol=1e-5, atol=1e-5)
@@ -185,7 +184,7 @@ def test_rein_refinement_matches_reins_equations():
     ext = seg.backbone.token_extension
     with torch.no_grad():
         ext.scale.fill_(0.3)
-        f = torch.randn(2, 16, 64)
+        f = torch.randn(2, 16, seg.backbone.embed_dim)
         ours = ext.refine(2, f)
         ref = _rein_reference(f.transpose(0, 1), ext.tokens_a[2], ext.tokens_b[2], ext.mlp_token2feat,
                               ext.mlp_delta_f, ext.scale).transpose(0, 1)

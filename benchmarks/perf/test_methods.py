@@ -156,7 +156,7 @@ def _setup(model: str) -> Setup:
                                     "Training at the measured images/s of batch 4 on this benchmark's thread count "
                                     "(data loading not counted), FisherTune's estimate and ChildTune's pass as the "
                                     "manifest configures them; Mapillary: the mean over the miniature's frame sizes.")
-        return Setup("tiny", "dinov2-tiny", lambda: build_backbone("dinov2-tiny", seed=m.seed, img_size=crop), m,
+        return Setup("tiny", "dinov2-tiny", lambda: build_backbone("dinov2-tiny", pretrained=False, seed=m.seed, img_size=crop), m,
                      crop, precision, device, warmup=3, rounds=30, eval_rounds=30,
                      eval_size=tuple(m.eval.test_sizes["bdd100k"]), eval_stride=m.eval.stride, protocol=protocol)
     if model == "small":

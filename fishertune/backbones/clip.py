@@ -202,5 +202,5 @@ def clip_large_openclip(img_size: int = 512, patch_size: int = 16, drop_path_rat
 def clip_tiny(img_size: int = 64, patch_size: int = 8, drop_path_rate: float = 0.0, **kwargs) -> CLIPBackbone:
     """The miniature's CLIP: the same open_clip tower with QuickGELU, 6 blocks of width 128, 4 heads; pretrained
     image-text contrastively (``fishertune tiny pretrain clip-tiny``, :mod:`fishertune.pretrain.clip`)."""
-    return clip_vit(img_size, patch_size, width=128, layers=6, heads=4, quick_gelu=True,
-                    drop_path_rate=drop_path_rate, **kwargs)
+    shape = {"width": 128, "layers": 6, "heads": 4, **kwargs}  # a test may build other shapes
+    return clip_vit(img_size, patch_size, quick_gelu=True, drop_path_rate=drop_path_rate, **shape)

@@ -36,5 +36,5 @@ def dinov2_large(img_size: int = 512, patch_size: int = 16, **kwargs) -> TimmViT
 def dinov2_tiny(img_size: int = 64, patch_size: int = 8, **kwargs) -> TimmViTBackbone:
     """The miniature's DINOv2: the same timm class and block type, 6 blocks of width 128, 4 heads; pretrained
     by self-distillation (``fishertune tiny pretrain dinov2-tiny``, :mod:`fishertune.pretrain.dinov2`)."""
-    arch = dict(embed_dim=128, depth=6, num_heads=4, **kwargs)
+    arch = {"embed_dim": 128, "depth": 6, "num_heads": 4, **kwargs}  # a test may build other shapes
     return TimmViTBackbone(timm_vit(img_size, patch_size, init_values=1e-5, **arch), family="dinov2")

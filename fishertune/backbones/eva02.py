@@ -214,6 +214,6 @@ def eva02_tiny(img_size: int = 64, patch_size: int = 8, drop_path_rate: float = 
     """The miniature's EVA-02: the same timm class and options, 6 blocks of width 128, 4 heads; pretrained by
     masked prediction of CLIP-tiny's features (``fishertune tiny pretrain eva02-tiny``,
     :mod:`fishertune.pretrain.eva02`)."""
-    eva = eva02_model(img_size, patch_size, embed_dim=128, depth=6, num_heads=4, drop_path_rate=drop_path_rate,
-                      **kwargs)
+    shape = {"embed_dim": 128, "depth": 6, "num_heads": 4, **kwargs}  # a test may build other shapes
+    eva = eva02_model(img_size, patch_size, drop_path_rate=drop_path_rate, **shape)
     return Eva02Backbone(eva)

@@ -63,4 +63,4 @@ def mae_huge(img_size: int = 512, patch_size: int = 16, drop_path_rate: float = 
 def mae_tiny(img_size: int = 64, patch_size: int = 8, drop_path_rate: float = 0.0, **kwargs) -> TimmViTBackbone:
     """The miniature's MAE: the same timm class and block type, 6 blocks of width 128, 4 heads; pretrained by
     masked-patch reconstruction (``fishertune tiny pretrain mae-tiny``, :mod:`fishertune.pretrain.mae`)."""
-    return _mae(img_size, patch_size, drop_path_rate, embed_dim=128, depth=6, num_heads=4, **kwargs)
+    return _mae(img_size, patch_size, drop_path_rate, **{"embed_dim": 128, "depth": 6, "num_heads": 4, **kwargs})

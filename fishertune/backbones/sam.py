@@ -364,6 +364,6 @@ def sam_tiny(img_size: int = 64, patch_size: int = 8, drop_path_rate: float = 0.
     grid is padded to 42x42 (3x3 windows of 14) at 512; blocks 2 and 5 take the global path (every third
     block, as SAM-H's every eighth).
     """
-    kwargs.setdefault("out_chans", 64)
-    return _sam(img_size, patch_size, drop_path_rate, neck, rel_pos_grid, embed_dim=128, depth=6, num_heads=4,
-                window_size=3, global_attn_indexes=(2, 5), **kwargs)
+    shape = {"out_chans": 64, "embed_dim": 128, "depth": 6, "num_heads": 4, "window_size": 3,
+             "global_attn_indexes": (2, 5), **kwargs}  # a test may build other shapes
+    return _sam(img_size, patch_size, drop_path_rate, neck, rel_pos_grid, **shape)

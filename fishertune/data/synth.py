@@ -43,7 +43,7 @@ from fishertune.data.synthetic.styles import Layers, apply_style
 from fishertune.errors import UserError
 from fishertune.progress import bar, enabled
 
-VERSION = 2  # 2: separate training-source counts, GTAV at 256 x 141
+VERSION = 3  # 2: separate training-source counts, GTAV at 256 x 141; 3: BDD100K by day, dusk or night
 DATASETS = ("gtav", "cityscapes", "bdd100k", "mapillary", "acdc")
 MARKER = "SYNTH.json"
 REPLACING = ".synth-replacing"  # present while data sets are being swapped into place

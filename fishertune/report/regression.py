@@ -13,8 +13,10 @@ one row is pooled with the mean over all rows of its kind (mIoU, or a class's Io
 pseudo-observations (a statistic seen in two environments is not known well enough to trust alone), and
 the check of ``n`` fresh seeds against the stored mean of ``n`` allows
 ``band = max(floor, z * sigma * sqrt(2 / n))``; ``z = 3.5`` keeps the chance of a false alarm over the
-hundred-odd statistics of a mini manifest near 5% (Bonferroni). Without ``--spread`` the seeds' own
-standard deviation stands in for ``sigma`` (an upper bound: reseeding moves more than rounding).
+hundred-odd statistics of a mini manifest near 5% (Bonferroni). Without ``--spread``, ``--bands-from
+FILE`` lends the pooled ``sigma`` per statistic of another manifest's stored record (same protocol,
+so the same rounding); without either, the seeds' own standard deviation stands in for ``sigma`` (an
+upper bound: reseeding moves more than rounding).
 
 What is compared: each row's per-target and aggregate mIoU (always) and the per-class IoU of the
 classes whose ``sigma`` is at most ``class_max_sigma`` (stable classes; a class that flips between 0
@@ -80,9 +82,23 @@ def environment(r: dict[str, Any]) -> dict[str, Any]:
             "python": r.get("versions", {}).get("python")}
 
 
+def pooled_sigma(record: dict[str, Any]) -> dict[str, float]:
+    """Per statistic kind (``miou`` or a class name), the root mean square of the measured ``sigma`` over a
+    stored record's rows and targets: the environment spread of one manifest, to lend to another of the
+    same protocol (``update --bands-from``)."""
+    squares: dict[str, list[float]] = {}
+    for row in record["rows"].values():
+        for entries in row["targets"].values():
+            for stat, e in entries.items():
+                if e.get("sigma") is not None:
+                    squares.setdefault(stat, []).append(e["sigma"] ** 2)
+    return {stat: math.sqrt(statistics.fmean(v)) for stat, v in squares.items()}
+
+
 def build(lm: LoadedManifest, results: str | Path, spreads: list[str | Path] = (), only: list[str] | None = None,
-          rule: dict[str, float] = RULE) -> dict[str, Any]:
-    """The stored record of the selected cells of ``results`` with the bands the ``spreads`` give."""
+          rule: dict[str, float] = RULE, lent: dict[str, float] | None = None) -> dict[str, Any]:
+    """The stored record of the selected cells of ``results`` with the bands the ``spreads`` give, or, for
+    statistics they do not cover, the ``lent`` sigma of another manifest (:func:`pooled_sigma`)."""
     main = _results(lm, results, only)
     others = [_results(lm, s, only) for s in spreads]
     # squared deviations per (row, target, statistic), and pooled per kind ("miou" or a class name)
@@ -107,6 +123,8 @@ def build(lm: LoadedManifest, results: str | Path, spreads: list[str | Path] = (
         if sq is not None:
             w = rule["prior_weight"]
             return math.sqrt((sum(sq) + w * prior[stat]) / (len(sq) + w))
+        if lent and stat in lent:
+            return lent[stat]
         if len(seed_values) > 1:
             return statistics.stdev(seed_values)
         return None
@@ -203,11 +221,15 @@ def read(path: Path) -> dict[str, Any]:
 
 
 def update(lm: LoadedManifest, results: str | Path, spreads: list[str | Path] = (), out: str | Path | None = None,
-           only: list[str] | None = None) -> tuple[Path, list[str]]:
+           only: list[str] | None = None, bands_from: str | Path | None = None) -> tuple[Path, list[str]]:
     """Store the finished cells' numbers and bands on purpose, and say what moved beyond the old bands.
-    With ``only``, the other stored rows are kept as they were."""
+    With ``only``, the other stored rows are kept as they were. With ``bands_from`` (another manifest's
+    stored record, of the same protocol), statistics without a measured spread take its pooled sigma."""
     path = stored_path(lm, out)
-    new = build(lm, results, spreads, only)
+    lent = pooled_sigma(read(Path(bands_from))) if bands_from else None
+    new = build(lm, results, spreads, only, lent=lent)
+    if bands_from:
+        new["bands_from"] = str(bands_from)
     moved: list[str] = []
     if path.is_file():
         old = read(path)

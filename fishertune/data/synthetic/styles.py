@@ -1,7 +1,7 @@
 """The look of each domain, applied to a rendered scene (labels are never changed here).
 
 ``gtav`` a saturated synthetic-game look under strong sun; ``cityscapes`` overcast, desaturated,
-grey-blue; ``bdd100k`` a dash-cam at dusk (dark, warm, vignetted, glowing lights; JPEG artefacts come
+grey-blue; ``bdd100k`` a dash-cam by day, at dusk or at night (vignetted, noisy; JPEG artefacts come
 from the writer); ``mapillary`` one of sunny / overcast / dusk per image; ACDC's ``fog`` (contrast
 lost to grey with distance), ``night`` (dark, lights glowing), ``rain`` (dark, grey, streaks) and
 ``snow`` (whitened ground, flakes).
@@ -113,9 +113,21 @@ def cityscapes(layers: Layers, rng: np.random.Generator) -> np.ndarray:
 
 
 def bdd100k(layers: Layers, rng: np.random.Generator) -> np.ndarray:
-    sky(layers, (55, 55, 100), (235, 140, 80), rng, clouds=0.3)
-    rgb = layers.rgb * 0.55 * np.array([1.12, 0.95, 0.78], np.float32)
-    rgb = rgb + glow(layers, layers.rgb.shape[1] * 0.015, 1.0) * 0.6
+    """A dash-cam through the day, as BDD100K's frames are: by day (60%, hazy and a little washed out),
+    at dusk (20%: dark, warm, lights glowing) or at night (20%: dark, lights glowing); always vignetted
+    and noisy (the JPEG artefacts come from the writer)."""
+    when = rng.choice(3, p=(0.6, 0.2, 0.2))
+    if when == 0:  # day
+        sky(layers, (120, 160, 205), (205, 215, 225), rng, clouds=0.4)
+        rgb = contrast(saturate(layers.rgb, 0.85), 0.85, 120) * np.array([1.04, 1.0, 0.94], np.float32) + 8
+    elif when == 1:  # dusk
+        sky(layers, (55, 55, 100), (235, 140, 80), rng, clouds=0.3)
+        rgb = layers.rgb * 0.55 * np.array([1.12, 0.95, 0.78], np.float32)
+        rgb = rgb + glow(layers, layers.rgb.shape[1] * 0.015, 1.0) * 0.6
+    else:  # night
+        sky(layers, (12, 14, 28), (40, 38, 50), rng)
+        rgb = layers.rgb * rng.uniform(0.2, 0.3) * np.array([1.05, 0.95, 0.9], np.float32)
+        rgb = rgb + glow(layers, layers.rgb.shape[1] * 0.02, 1.5)
     return noise(vignette(rgb, 0.6), 4.0, rng)
 
 
