@@ -43,6 +43,7 @@ methods: {methods}
 method_configs: {{fishertune: {{estimator: direct, images: 4, schedule: growing, cache: false}}}}
 targets: [cityscapes]
 train: {{iterations: 2}}
+execution: {{jobs: 1}}
 data: {{root: {root}, synth_images: {images}}}
 """
 
@@ -63,8 +64,8 @@ def _tiny_checkpoint(path: Path, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def kept(tmp_path_factory, synth_root, synth_images):
-    """The five cells run once (2 iterations) from a pretrained file, with each trained model's state as
-    training left it."""
+    """The five cells run once (2 iterations, in this process) from a pretrained file, with each trained
+    model's state as training left it."""
     tmp = tmp_path_factory.mktemp("kept")
     weights = _tiny_checkpoint(tmp / "dinov2-tiny-7.safetensors", 7)
     lm = load_manifest(_manifest(tmp, "kept", synth_root, synth_images, extra=f"weights: {{dinov2-tiny: {weights}}}\n"))
@@ -238,7 +239,7 @@ def test_model_cards_are_never_taken_for_results(kept):
 
 def test_keep_model_false_keeps_none_and_export_says_why(tmp_path, synth_root, synth_images, capsys):
     manifest = _manifest(tmp_path, "nokeep", synth_root, synth_images, ("freeze",),
-                         "execution: {keep_model: false}\npretrained: false\n")
+                         "execution: {jobs: 1, keep_model: false}\npretrained: false\n")
     lm = load_manifest(manifest)
     (cell,) = lm.cells()
     assert run_manifest(lm, str(tmp_path / "runs"), progress=False) == [(cell, "done")]
