@@ -27,13 +27,16 @@ DEFAULT_RESULTS = "results/runs"
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    """Manifest fields set on the command line (--subset, --seeds, --threads, --jobs)."""
+    """Manifest fields set on the command line (--subset, --any-count, --seeds, --threads, --jobs)."""
     out: dict = {}
     execution = {k: getattr(args, k) for k in ("threads", "jobs") if getattr(args, k, None) is not None}
     if execution:
         out["execution"] = execution
-    if getattr(args, "subset", None) is not None:
-        out["data"] = {"subset": args.subset}
+    data = {"subset": args.subset} if getattr(args, "subset", None) is not None else {}
+    if getattr(args, "any_count", False):
+        data["counts"] = "any"
+    if data:
+        out["data"] = data
     if getattr(args, "seeds", None) is not None:
         if args.seeds < 1:
             raise UserError(f"--seeds must be at least 1, got {args.seeds}")
@@ -54,7 +57,8 @@ def _tiny_arg(parser: argparse.ArgumentParser) -> None:
                              "checkpoint needed) with the miniature protocol of benchmarks/mini/protocol.yaml, "
                              "reading the manifest's data: checks the whole pipeline in minutes on a CPU, e.g. "
                              "on a miniature written by `fishertune data synth --out $FISHERTUNE_DATA`; results go "
-                             "to RESULTS/<manifest name>-tiny/, tables to results/tables/tiny/ and say TINY")
+                             "to RESULTS/<manifest name>-tiny/, tables to results/tables/<manifest name>-tiny/ and "
+                             "say TINY")
 
 
 def _sweep_args(parser: argparse.ArgumentParser, example: str,
@@ -98,10 +102,15 @@ def _seeds_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _subset_arg(parser: argparse.ArgumentParser) -> None:
+    """--subset and --any-count: which images of the data a manifest's cells read."""
     parser.add_argument("--subset", type=int, metavar="N",
                         help="a deterministic, class-balanced subset of N images of the source and of each target "
                              "(N per ACDC condition), for quick runs and CI regression on real data; results go to "
                              "RESULTS/<manifest name>-subsetN/ and tables say SUBSET (overrides data.subset)")
+    parser.add_argument("--any-count", action="store_true",
+                        help="real data with other than the official pair counts (part of a data set, a test tree "
+                             "in the official layout): every other check still runs; results go to RESULTS/<manifest "
+                             "name>-anycount/ and tables name the counts used (sets data.counts: any)")
 
 
 def _executor_args(parser: argparse.ArgumentParser) -> None:
@@ -358,7 +367,14 @@ def _cmd_tiny_list(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from fishertune.data import synthesize
 
-    roots = synthesize(Path(args.out), seed=args.seed, images=args.images, train_images=args.train_images)
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be in 0..2**63-1, got {args.seed}")
+    out = Path(args.out)
+    try:
+        roots = synthesize(out, seed=args.seed, images=args.images, train_images=args.train_images)
+    except (FileExistsError, NotADirectoryError, PermissionError) as e:
+        raise UserError(f"cannot write the miniature under {out} ({e.strerror}); choose a writable --out "
+                        "directory") from None
     for name, root in roots.items():
         print(f"{name:11s} {root}")
     return 0
@@ -464,8 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("table", help="table1, ablation or estimation")
     render.add_argument("--results", default=DEFAULT_RESULTS, help="where result JSONs are (default: %(default)s)")
     render.add_argument("--manifest", help="use only results of this manifest name")
-    render.add_argument("--out", help="output directory (default: results/tables, or results/tables/mini "
-                        "for the miniature)")
+    render.add_argument("--out", help="output directory (default: results/tables/<results name>/, e.g. "
+                        "results/tables/mini-table1/ for benchmarks/mini/table1.yaml)")
     render.add_argument("--reference", default="full", metavar="ROW",
                         help="the row each backbone's other rows are compared with in the last column (difference of "
                              "Avg with its 95%% Welch interval over seeds; table1, ablation, estimation); 'none' for no "
@@ -720,13 +736,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for what records its command
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
+        return code
     except UserError as e:
         print(f"fishertune: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fishertune: interrupted; finished cells are kept, rerun the same command to continue", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`fishertune status M | head -1`): stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
+        return 141  # as a program killed by SIGPIPE
 
 
 if __name__ == "__main__":

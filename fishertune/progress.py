@@ -15,8 +15,9 @@ def enabled() -> bool:
 
 
 def bar(iterable=None, **kwargs):
-    """``tqdm(iterable, **kwargs)`` shown only when :func:`enabled`."""
-    kwargs.setdefault("disable", not enabled())
+    """``tqdm(iterable, **kwargs)`` shown only when :func:`enabled` (a caller's ``disable=False`` does not
+    override that; its ``disable=True`` hides the bar anyway)."""
+    kwargs["disable"] = bool(kwargs.get("disable")) or not enabled()
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)

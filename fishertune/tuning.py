@@ -22,9 +22,9 @@ from fishertune.registry import Registry
 
 
 class MethodConfig(BaseModel):
-    """Base of method configs: unknown fields and wrong types are rejected."""
+    """Base of method configs: unknown fields, wrong types and non-finite numbers are rejected."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 @dataclass

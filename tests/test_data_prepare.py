@@ -18,6 +18,7 @@ from PIL import Image
 from fishertune.cli import main
 from fishertune.data import CLASSES, build_dataset, verify_dataset
 from fishertune.data import prepare as prepare_module
+from fishertune.data.datasets import PREPARED_RECORD
 from fishertune.data.labels import MAPILLARY_V12_NAMES, mapillary_to_train_id, mapillary_v12_config
 from fishertune.data.prepare import (HALVED_IMAGES, HALVED_LABELS, ORPHANS, STALE_TEMP, TRAIN_ID_LABELS,
                                      UNREADABLE_POLYGONS, prepare_dataset, write_atomic)
@@ -273,7 +274,9 @@ def test_resume_after_a_killed_run(synth_root, tmp_path):
     assert any(STALE_TEMP in note and str(stale) in note for note in report.notes)
     assert not stale.exists() and live.exists()
     live.unlink()
-    assert {k: v[0] for k, v in snapshot(root).items()} == {k: v[0] for k, v in done.items()}
+    # the same bytes, but for the record of the copies, which holds the new copies' modification times
+    assert {k: v[0] for k, v in snapshot(root).items() if k != PREPARED_RECORD} == \
+        {k: v[0] for k, v in done.items() if k != PREPARED_RECORD}
     assert build_dataset("mapillary", root, "val").prepared
 
 
@@ -367,6 +370,74 @@ def test_orphan_copies_are_noted_and_ignored(synth_root, tmp_path):
     assert report.ok and any(ORPHANS in note and str(extra) in note for note in report.notes), report.format()
     assert report.reads_prepared == {"train": True, "val": False}
     assert not build_dataset("mapillary", root, "val").prepared
+
+
+def test_a_label_fixed_after_prepare_is_read_not_its_stale_copy(synth_root, tmp_path):
+    root = copy_tree(synth_root, "gtav", tmp_path)
+    prepare_dataset("gtav", root, progress=False)
+    assert build_dataset("gtav", root, "train").prepared
+    label = sorted(p for p in (root / "labels").glob("*.png") if not p.name.endswith("_labelTrainIds.png"))[0]
+    fixed = Image.open(label)
+    ids = np.array(fixed)
+    ids[:10, :10] = 26  # a car (Cityscapes label id 26, train id 13) drawn in by hand after prepare
+    out = Image.fromarray(ids, "P")
+    out.putpalette(fixed.getpalette())
+    out.save(label)
+    reader = build_dataset("gtav", root, "train")
+    assert not reader.prepared  # the copy is older than its source now: the release's files are read
+    index = [lbl for _, lbl in reader.pairs].index(label)
+    assert (reader[index]["label"][:10, :10] == 13).all()
+    report = prepare_dataset("gtav", root, progress=False)  # prepare makes that one copy again
+    assert report.ok and report.written == {TRAIN_ID_LABELS: 1}, report.format()
+    again = build_dataset("gtav", root, "train")
+    assert again.prepared and (again[index]["label"][:10, :10] == 13).all()
+
+
+def test_a_validation_label_broken_after_prepare_is_found_by_verify(synth_root, synth_counts, tmp_path):
+    root = copy_tree(synth_root, "mapillary", tmp_path)
+    prepare_dataset("mapillary", root, progress=False)
+    assert verify_dataset("mapillary", root, expected=synth_counts["mapillary"], progress=False).ok
+    label = sorted(root.glob("validation/v1.2/labels/*.png"))[0]
+    ids = np.asarray(Image.open(label)).copy()
+    ids[:2, :2] = 70  # outside the 66 ids of v1.2
+    Image.fromarray(ids).save(label)
+    assert not build_dataset("mapillary", root, "val", strict=False).prepared
+    report = verify_dataset("mapillary", root, expected=synth_counts["mapillary"], progress=False)
+    assert str(label) in problem(report, ILLEGAL_VALUE), report.format()
+
+
+def test_a_validation_image_without_label_is_not_hidden_by_the_halved_copies(synth_root, tmp_path):
+    root = copy_tree(synth_root, "mapillary", tmp_path)
+    label = sorted(root.glob("validation/v1.2/labels/*.png"))[0]
+    label.unlink()
+    image = root / "validation/images" / (label.stem + ".jpg")
+    report = prepare_dataset("mapillary", root, progress=False)
+    assert str(image) in problem(report, IMAGE_WITHOUT_LABEL) and not report.reads_prepared["val"]
+    assert str(image) in problem(verify_dataset("mapillary", root, progress=False), IMAGE_WITHOUT_LABEL)
+    with pytest.raises(UserError, match="have no label"):
+        build_dataset("mapillary", root, "val")
+
+
+def test_prepare_and_verify_agree_on_a_copy_changed_after_prepare(synth_root, synth_counts, tmp_path):
+    root = copy_tree(synth_root, "gtav", tmp_path)
+    prepare_dataset("gtav", root, progress=False)
+    copy = sorted((root / "labels").glob("*_labelTrainIds.png"))[0]
+    good = copy.read_bytes()
+    ids = np.asarray(Image.open(copy)).copy()
+    ids[0, :5] = 77  # no train id 77
+    Image.fromarray(ids).save(copy)
+    # its record entry made to match, as if the file had come back with the size and time recorded
+    record_path = root / PREPARED_RECORD
+    record = json.loads(record_path.read_text())
+    record["copies"][copy.relative_to(root).as_posix()]["stamp"] = [copy.stat().st_size, copy.stat().st_mtime_ns]
+    record_path.write_text(json.dumps(record))
+    assert build_dataset("gtav", root, "train").prepared  # the record holds: verify reads the copy
+    assert "values 77" in problem(verify_dataset("gtav", root, expected=synth_counts["gtav"], progress=False),
+                                  ILLEGAL_VALUE)
+    report = prepare_dataset("gtav", root, progress=False)  # reads the copy as verify does, and makes it again
+    assert report.ok and report.written == {TRAIN_ID_LABELS: 1}, report.format()
+    assert copy.read_bytes() == good
+    assert verify_dataset("gtav", root, expected=synth_counts["gtav"], progress=False).ok
 
 
 # ---- broken trees ------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -178,7 +179,7 @@ def test_interrupted_synth_leaves_nothing_that_looks_finished(tmp_path, monkeypa
     monkeypatch.setattr(synth_module, "write_item", flaky)
     with pytest.raises(KeyboardInterrupt):
         synthesize(tmp_path, seed=0, images=1, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [synth_module.LOCK]  # the lock file only, held by nobody
     monkeypatch.setattr(synth_module, "write_item", real)
     roots = synthesize(tmp_path, seed=0, images=1, progress=False)
     assert (tmp_path / "SYNTH.json").exists() and all(r.is_dir() for r in roots.values())
@@ -196,3 +197,32 @@ def test_refuses_to_replace_foreign_data(tmp_path):
     with pytest.raises(UserError, match="not written by"):
         synthesize(tmp_path, seed=0, images=1, progress=False)
     assert (tmp_path / "cityscapes" / "leftImg8bit").is_dir()
+
+
+def test_two_writers_of_one_empty_folder_generate_it_once_and_never_replace_it(tmp_path, monkeypatch):
+    """Two processes asking for the miniature in one empty cache (threads here: flock is per open file, so
+    two threads contend as two processes do): the second waits for the first and reads its tree."""
+    started, release = threading.Event(), threading.Event()
+    written = []
+    real = synth_module.write_item
+
+    def slow(root, seed, item):
+        written.append(item)
+        started.set()
+        release.wait(10)  # the first writer is in the middle of the tree while the second asks for it
+        real(root, seed, item)
+
+    monkeypatch.setattr(synth_module, "write_item", slow)
+    out, results = tmp_path / "cache", {}
+    threads = [threading.Thread(target=lambda k=k: results.setdefault(k, synthesize(out, images=1, progress=False)))
+               for k in range(2)]
+    threads[0].start()
+    assert started.wait(10)
+    threads[1].start()
+    threads[1].join(0.5)
+    assert threads[1].is_alive() and not (out / "gtav").exists()  # waiting, not writing a second tree
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert written and len(set(written)) == len(written)  # every file rendered once, by one writer
+    assert results[0] == results[1] and all(root.is_dir() for root in results[1].values())

@@ -115,14 +115,23 @@ def test_render_writes_markdown_and_latex_naming_the_miniature(mini_run, tmp_pat
     assert main(["render", "table1", "--results", str(results), "--out", str(tmp_path)]) == 0
     md = (tmp_path / "table1.md").read_text()
     tex = (tmp_path / "table1.tex").read_text()
-    assert "miniature" in md and "mini-table1 v1" in md
-    assert r"\toprule" in tex and r"\bottomrule" in tex and r"mIoU (\%)" in tex
+    assert "miniature" in md and "mini-table1 v1" in md and "Welch's t-test over seeds" in md
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"mIoU (\%)" in tex and r"$\pm$" in tex
     for cell in select_cells(lm.cells(), CI_CELLS):
         assert f"| {cell.row}" in md
-    # the table's numbers are the results' numbers (DINOv2 has no row in the paper's Table 1)
-    full = next(c for c in lm.cells() if c.method == "full" and c.backbone == "dinov2-tiny")
-    r = json.loads((results / lm.manifest.name / f"{full.id}.json").read_text())
-    assert f"{r['targets']['cityscapes']['miou']:.1f} / -" in md
+    # each row is the mean over its 3 seeds with their standard deviation; DINOv2 has no row in the paper
+    from fishertune.report.stats import estimate
+
+    cells = [c for c in lm.cells() if c.method == "freeze" and c.backbone == "dinov2-tiny"]
+    runs = [json.loads((results / lm.manifest.name / f"{c.id}.json").read_text()) for c in cells]
+    assert len(runs) == CI_SEEDS
+    citys = estimate(r["targets"]["cityscapes"]["miou"] for r in runs)
+    assert f"| {citys.format(n=False)} / -" in md
+    # the comparison column: each row against its backbone's full row (SAM's; DINOv2 ran no full row here)
+    rows = [line for line in md.splitlines() if line.startswith("| ")][2:]
+    assert "reference" in next(line for line in rows if line.startswith("| sam-tiny"))
+    tested = [line for line in rows if "within noise" in line or "significant" in line]
+    assert len(tested) == 4  # SAM's freeze, LoRA, Rein and FisherTune rows, 3 seeds each
 
 
 def test_same_seed_gives_identical_per_class_iou(tmp_path, mini_manifest):
@@ -210,9 +219,9 @@ def test_tiny_override_runs_the_real_manifest_on_a_miniature_in_fishertune_data(
     ref = json.loads((results / lm.manifest.name / f"{mini.id}.json").read_text())
     for target in ref["targets"]:
         assert tiny["targets"][target]["per_class_iou"] == ref["targets"][target]["per_class_iou"]
-    md = (tmp_path / "results" / "tables" / "tiny" / "table1.md").read_text()
+    md = (tmp_path / "results" / "tables" / "table1-tiny" / "table1.md").read_text()
     assert "TINY OVERRIDE" in md and "NOT the real data" in md and "Manifest table1 v1" in md
-    assert not (tmp_path / "results" / "tables" / "table1.md").exists()  # never where a real table goes
+    assert not (tmp_path / "results" / "tables" / "table1").exists()  # never where a real table goes
 
 
 def test_regression_update_says_what_moved_and_keeps_the_rows_not_selected(mini_run, tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fishertune.data import NUM_CLASSES
-from fishertune.engine.evaluate import evaluate
+from fishertune.engine.evaluate import evaluate, slide_logits, window_origins
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -79,3 +79,56 @@ def test_groups_get_their_own_confusion_and_the_target_reports_their_mean():
     assert res.miou == 0.5  # the mean over conditions, as Rein's DGIoUMetric
     assert res.pooled_miou == pytest.approx(1 / 3)  # one matrix over both images: 9000/27000 per class
     assert (res.confusion == res.groups["fog"].confusion + res.groups["night"].confusion).all()
+
+
+# ---- sliding-window coverage: a property check over random image sizes, windows and strides --------------
+
+def _mmseg_origins(length: int, crop: int, stride: int) -> list[int]:
+    """mmseg's ``slide_inference`` window starts along one axis, written out independently."""
+    grids = max(length - crop + stride - 1, 0) // stride + 1
+    return [max(min(i * stride + crop, length) - crop, 0) for i in range(grids)]
+
+
+def test_windows_cover_every_pixel_as_mmseg_places_them_for_random_sizes():
+    rng = np.random.default_rng(18)
+    for _ in range(500):
+        length, crop = int(rng.integers(1, 400)), int(rng.integers(1, 128))
+        stride = int(rng.integers(1, crop + 1))
+        origins = window_origins(length, crop, stride)
+        assert origins == _mmseg_origins(length, crop, stride), (length, crop, stride)
+        covered = np.zeros(length, int)
+        for o in origins:
+            covered[o : o + crop] += 1
+        assert covered.min() >= 1 and origins[0] == 0 and origins[-1] == max(length - crop, 0)
+        assert all(0 < b - a <= stride for a, b in zip(origins, origins[1:]))
+
+
+class Identity(nn.Module):
+    """Returns its input as the logits of three classes: averaging the windows must give the image back."""
+
+    def forward(self, x):
+        return x
+
+
+def test_averaged_windows_give_back_every_pixel_for_random_images_windows_and_strides():
+    rng = np.random.default_rng(1818)
+    for _ in range(60):
+        h, w = (int(n) for n in rng.integers(1, 90, 2))
+        crop = int(rng.integers(4, 48))
+        stride = int(rng.integers(1, crop + 1))
+        image = torch.from_numpy(rng.normal(size=(1, 3, h, w)))
+        out = slide_logits(Identity(), image, 3, crop, stride, batch=int(rng.integers(1, 9)))
+        assert out.shape == image.shape
+        # exact but for the float32 the windows' logits are kept in; a window misplaced is off by O(1)
+        torch.testing.assert_close(out, image, rtol=1e-6, atol=1e-6, msg=f"{h}x{w}, crop {crop}, stride {stride}")
+
+
+def test_a_stride_past_the_window_is_refused_and_an_uncovered_pixel_is_never_averaged(monkeypatch):
+    with pytest.raises(ValueError, match="leaves pixels no window covers"):
+        window_origins(100, 32, 33)
+    import fishertune.engine.evaluate as evaluate_module
+
+    # windows at the two ends only (a stride of 68 for a 32-pixel window): columns 32..67 would be 0/0
+    monkeypatch.setattr(evaluate_module, "window_origins", lambda length, crop, stride: [0, max(length - crop, 0)])
+    with pytest.raises(AssertionError, match="uncovered"):
+        slide_logits(Identity(), torch.zeros(1, 3, 32, 100), 3, 32, 32, batch=2)

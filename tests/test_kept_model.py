@@ -42,16 +42,19 @@ backbones: [dinov2-tiny]
 methods: {methods}
 method_configs: {{fishertune: {{estimator: direct, images: 4, schedule: growing, cache: false}}}}
 targets: [cityscapes]
-train: {{iterations: 2}}
-execution: {{jobs: 1}}
+train: {{iterations: {iterations}}}
+execution: {{jobs: 1{execution}}}
 data: {{root: {root}, synth_images: {images}}}
 """
 
 
-def _manifest(folder: Path, name: str, synth_root: Path, synth_images: int, methods=METHODS, extra: str = "") -> Path:
+def _manifest(folder: Path, name: str, synth_root: Path, synth_images: int, methods=METHODS, extra: str = "",
+              iterations: int = 2, execution: str = "") -> Path:
+    """A manifest of ``methods`` on dinov2-tiny whose cells run in this process; ``extra`` adds fields,
+    ``execution`` fields of that section (e.g. ``", keep_model: false"``)."""
     path = folder / f"{name}.yaml"
     path.write_text(MANIFEST.format(name=name, protocol=PROTOCOL, methods=f"[{', '.join(methods)}]", root=synth_root,
-                                    images=synth_images) + extra)
+                                    images=synth_images, iterations=iterations, execution=execution) + extra)
     return path
 
 
@@ -204,6 +207,8 @@ def test_bad_export_and_predict_requests_are_one_line_and_exit_2(kept, tmp_path,
     assert "no cell id" in _one_error(capsys)
     assert main(["export", "dinov2-tiny--*", "--results", runs, "--out", str(tmp_path / "x")]) == 2
     assert "matches 5 results" in _one_error(capsys)
+    assert main(["export", str(folder / "card.json"), "--out", str(tmp_path / "x")]) == 2  # a card, not a result
+    assert "not a valid result file" in _one_error(capsys)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
     assert main(["export", cell.id, "--results", runs, "--out", str(tmp_path / "full")]) == 2
@@ -238,8 +243,8 @@ def test_model_cards_are_never_taken_for_results(kept):
 
 
 def test_keep_model_false_keeps_none_and_export_says_why(tmp_path, synth_root, synth_images, capsys):
-    manifest = _manifest(tmp_path, "nokeep", synth_root, synth_images, ("freeze",),
-                         "execution: {jobs: 1, keep_model: false}\npretrained: false\n")
+    manifest = _manifest(tmp_path, "nokeep", synth_root, synth_images, ("freeze",), "pretrained: false\n",
+                         execution=", keep_model: false")
     lm = load_manifest(manifest)
     (cell,) = lm.cells()
     assert run_manifest(lm, str(tmp_path / "runs"), progress=False) == [(cell, "done")]
@@ -291,7 +296,7 @@ def test_a_backbone_drawn_from_its_seed_is_drawn_again_and_refused_when_the_draw
     spec = BACKBONES.get("dinov2-tiny")
     monkeypatch.setitem(BACKBONES._items, "dinov2-tiny", dataclasses.replace(spec, weights=None, loader=None,
                                                                              shipped=False))
-    lm = load_manifest(_manifest(tmp_path, "seeded", synth_root, synth_images, ("lora",), "train: {iterations: 1}\n"))
+    lm = load_manifest(_manifest(tmp_path, "seeded", synth_root, synth_images, ("lora",), iterations=1))
     (cell,) = lm.cells()
     run_manifest(lm, str(tmp_path / "runs"), progress=False)
     result = ResultStore(tmp_path / "runs", lm.results_name).read(cell.id)

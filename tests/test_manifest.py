@@ -179,3 +179,42 @@ def test_table2_manifests_carry_reins_two_protocols():
     # the two settings never share a cell id
     assert not {c.id for c in load_manifest(root / "table2.yaml").cells()} & {
         c.id for c in load_manifest(root / "table2-1024.yaml").cells()}
+
+
+def test_every_table_a_manifest_can_name_has_a_renderer():
+    from fishertune.report.tables import RENDERERS
+    from fishertune.runner.manifest import TABLES
+
+    assert set(TABLES) == set(RENDERERS)
+
+
+def test_other_counts_are_an_option_recorded_in_results_tables_and_captions(tmp_path, synth_root, mini_manifest,
+                                                                            monkeypatch, capsys):
+    import shutil
+
+    from fishertune.errors import UserError
+    from fishertune.report.tables import caption, table_dir
+    from fishertune.runner.data import open_datasets
+    from fishertune.runner.run import _identity
+
+    monkeypatch.setenv("FISHERTUNE_CACHE", str(tmp_path / "cache"))
+    root = Path(shutil.copytree(synth_root, tmp_path / "data"))
+    (root / "SYNTH.json").unlink()  # a tree in the official layout with other than the official counts
+    path = mini_manifest("part", "methods: [freeze]\n", data=f"{{kind: real, root: {root}}}")
+    official = load_manifest(path)
+    with pytest.raises(UserError, match="counts that differ from the expected.*--any-count"):
+        open_datasets(official.manifest, progress=False)
+    other = load_manifest(path, {"data": {"counts": "any"}})
+    source, targets = open_datasets(other.manifest, progress=False)  # every other check still made
+    assert other.results_name == "part-anycount" and official.results_name == "part"
+    assert other.cells()[0].id == official.cells()[0].id  # the same cell, kept apart by its folder
+    record = _identity(other, other.cells()[0], "done")
+    assert record["manifest"]["data_counts"] == "any"
+    record |= {"targets": {t: {"num_images": len(d)} for t, d in targets.items()},
+               "train": {"source_images": len(source)}}
+    text = caption("table1", [record])
+    assert f"OTHER COUNTS than the official ones (data.counts: any): gtav {len(source)} train, cityscapes " \
+           f"{len(targets['cityscapes'])} val" in text
+    assert table_dir([record]) == Path("results/tables/part-anycount")
+    assert main(["run", str(path), "--any-count", "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip() == other.cells()[0].id

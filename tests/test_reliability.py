@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,6 +118,40 @@ time.sleep(60)
     assert not path.exists()
 
 
+def test_the_last_lock_released_takes_its_folder_along_and_takers_racing_it_still_exclude_each_other(tmp_path):
+    import threading
+
+    folder = tmp_path / "locks"
+    first, second = CellLock(folder / "a.lock"), CellLock(folder / "b.lock")
+    assert first.acquire() and second.acquire()
+    second.release()
+    assert folder.is_dir()  # another lock is still held there
+    first.release()
+    assert not folder.exists()  # nothing left behind, e.g. by a run a later check refused
+    holders, errors = [], []
+
+    def contend(k: int) -> None:  # takers and releasers of locks in one folder, all at once
+        try:
+            for i in range(150):
+                lock = CellLock(folder / f"{i % 3}.lock")
+                if lock.acquire():
+                    holders.append((i % 3, k, "in"))
+                    holders.append((i % 3, k, "out"))
+                    lock.release()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=contend, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and holders and not folder.exists()
+    for key in range(3):  # per lock: every holder in and out before the next one comes in
+        events = [(k, what) for name, k, what in holders if name == key]
+        assert all(a[1] == "in" and b == (a[0], "out") for a, b in zip(events[::2], events[1::2])), events
+
+
 def test_a_non_finite_loss_fails_its_cell_and_the_sweep_goes_on(tmp_path, mini_manifest, monkeypatch, capsys):
     from fishertune.segmentor import Segmentor
 
@@ -163,7 +198,9 @@ def test_status_names_running_and_pending_cells_with_their_checkpoints(tmp_path,
     store = ResultStore(tmp_path, lm.results_name)
     lock = CellLock(store.lock_path(full.id))
     assert lock.acquire()
-    Checkpoint(store.checkpoint_path(freeze.id), 1).save({"iteration": 4, "model": {"w": torch.zeros(2)}})
+    Checkpoint(store.checkpoint_path(freeze.id), 1).save({
+        "iteration": 4, "model": {"w": torch.zeros(2)}, "optimizer": {}, "scheduler": {}, "losses": [],
+        "last_finite": None, "window": torch.zeros(1), "seconds": 1.0, "rng": []})
     try:
         assert main(["status", str(manifest), "--results", str(tmp_path)]) == 0
     finally:
@@ -193,3 +230,37 @@ def test_a_damaged_or_code_carrying_checkpoint_is_refused_in_one_line(tmp_path, 
         Checkpoint(path, 1).load()
     assert "\n" not in str(e.value) and "delete it" in str(e.value)
     assert not (tmp_path / "owned").exists()  # no code ran
+
+
+def test_a_result_that_cannot_be_written_leaves_no_predictions_behind(tmp_path, mini_manifest, monkeypatch):
+    import fishertune.runner.run as run_module
+    from fishertune.errors import UserError
+
+    lm = load_manifest(mini_manifest("pred", "methods: [freeze]\n"))
+    store = ResultStore(tmp_path, lm.results_name)
+
+    def evaluated(lm, cell, source, targets, dev, result_path, checkpoint):  # as run_cell: predictions first
+        run_module.save_predictions(result_path, "cityscapes", type("D", (), {
+            "pairs": [("i.png", "l.png")], "name": "cityscapes", "root": "r", "split": "val"})(),
+                                    [(0, np.zeros((4, 4), np.uint8))])
+        assert store.predictions_dir(cell.id).is_dir()
+        return {"status": "done"}
+
+    def full_disk(self, cell_id, result):
+        raise UserError(f"cannot write {self.path(cell_id)} (No space left on device)")
+
+    monkeypatch.setattr(run_module, "open_datasets", lambda m, progress: ([], {}))
+    monkeypatch.setattr(run_module, "run_cell", evaluated)
+    monkeypatch.setattr(ResultStore, "write", full_disk)
+    with pytest.raises(UserError, match="No space left"):
+        run_manifest(lm, str(tmp_path), progress=False)
+    (cell,) = lm.cells()
+    assert not store.predictions_dir(cell.id).exists() and not store.path(cell.id).exists()
+
+
+def test_status_piped_into_head_stops_quietly(tmp_path, mini_manifest):
+    manifest = mini_manifest("pipe", "methods: [full, freeze]\n")
+    child = _cli(["status", str(manifest), "--results", str(tmp_path)], cwd=tmp_path)
+    child.stdout.close()  # the reader is gone (as `| head -1` once it has its line) before a word is written
+    err = child.stderr.read()
+    assert child.wait(60) == 141 and err == "", err  # as a program stopped by SIGPIPE; no traceback, no message

@@ -70,3 +70,12 @@ def test_a_subset_run_is_stored_apart_and_tabled_as_a_subset(tmp_path, mini_mani
     assert "SUBSET: 3" in (tmp_path / "t" / "table1.md").read_text()
     assert main(["run", str(manifest), "--subset", "0", "--dry-run"]) == 2
     assert "subset" in capsys.readouterr().err
+
+
+def test_the_selection_shows_no_progress_bar_when_bars_are_off(synth_root, monkeypatch, capsys):
+    city = build_dataset("cityscapes", synth_root / "cityscapes", "val")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    class_presence(city, progress=True)
+    monkeypatch.delenv("TQDM_DISABLE")
+    class_presence(city, progress=True)  # stderr is not a terminal here (captured)
+    assert capsys.readouterr().err == ""

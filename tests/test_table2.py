@@ -158,11 +158,11 @@ def _write(root: Path, results: list) -> Path:
     return root
 
 
-def test_render_writes_md_and_tex_to_the_miniature_folder(tmp_path, monkeypatch):
+def test_render_writes_md_and_tex_to_the_manifests_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     results = _grid() + [_result("dinov2-tiny", "fishertune", row="delta_fim")]
     md, tex = render_table2(_write(tmp_path / "runs", results))
-    assert md == Path("results/tables/mini/table2.md") and tex == Path("results/tables/mini/table2.tex")
+    assert md == Path("results/tables/mini-table2/table2.md") and tex == Path("results/tables/mini-table2/table2.tex")
     text, latex = md.read_text(), tex.read_text()
     assert text.startswith("Table 2: Cityscapes -> BDD100K, ACDC; per-class IoU")
     assert "generated miniature" in text and "Manifest mini-table2 v1." in text
@@ -172,9 +172,12 @@ def test_render_writes_md_and_tex_to_the_miniature_folder(tmp_path, monkeypatch)
     assert r"delta\_fim" in latex and "delta_fim" not in latex
     assert r"Cityscapes $\rightarrow$ BDD100K" in latex and r"\label{tab:table2}" in latex
     assert latex.count(r"\midrule") == 2  # under the header and between the two target blocks
-    # real data: results/tables/, not the miniature folder; an explicit out_dir is used as given
+    # real data: the folder of its manifest's name, as any other; an explicit out_dir is used as given
     real = [_result("dinov2-l", "rein", kind="real", name="table2")]
-    assert render_table2(_write(tmp_path / "real", real))[0] == Path("results/tables/table2.md")
+    assert render_table2(_write(tmp_path / "real", real))[0] == Path("results/tables/table2/table2.md")
+    # another miniature manifest (a user's own) never overwrites the committed one
+    mine = [_result("dinov2-tiny", "rein", name="my-mini")]
+    assert render_table2(_write(tmp_path / "mine", mine))[0] == Path("results/tables/my-mini/table2.md")
     assert render_table2(tmp_path / "runs", tmp_path / "elsewhere")[0] == tmp_path / "elsewhere" / "table2.md"
 
 
@@ -193,7 +196,7 @@ def _md_rows(block: str) -> list[list[str]]:
 
 
 def test_committed_miniature_table_has_both_blocks_and_the_papers_rein_rows():
-    text = (ROOT / "results" / "tables" / "mini" / "table2.md").read_text()
+    text = (ROOT / "results" / "tables" / "mini-table2" / "table2.md").read_text()
     assert text.count("**BDD100K**") == text.count("**ACDC**") == 1
     bdd, acdc = text.split("**ACDC**")
     paper = paper_table("table2")

@@ -10,7 +10,6 @@ missing or unexpected keys.
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 
 from fishertune.backbones.torchscript import is_torchscript_archive, read_torchscript_state_dict
 from fishertune.errors import UserError
+from fishertune.tensorfile import CodeInFile, DamagedFile, load_safetensors, torch_load
 
 WEIGHTS_ENV = "FISHERTUNE_WEIGHTS"
 #: the tiny foundation models shipped inside the package (made by ``fishertune tiny pretrain``)
@@ -47,6 +47,9 @@ def resolve_weights(filename: str, explicit: str | os.PathLike | None, backbone:
             )
         path = Path(root).expanduser() / filename
         where = f"${WEIGHTS_ENV}"
+    if path.is_dir():
+        raise UserError(f"backbone {backbone!r}: checkpoint {path} (from {where}) is a directory; give the path of "
+                        f"the file {filename} itself")
     if not path.is_file():
         raise UserError(
             f"backbone {backbone!r}: checkpoint {path} (from {where}) does not exist; download "
@@ -70,22 +73,18 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read tensors from ``path`` without executing code; unwrap ``model``/``state_dict`` nesting."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
+            state, _ = load_safetensors(path)
         elif is_torchscript_archive(path):
             state = read_torchscript_state_dict(path)  # raises UserError itself
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            state = torch_load(path)
+    except CodeInFile as e:
         raise UserError(
-            f"checkpoint {path} carries objects other than tensors and was not loaded ({first}); "
+            f"checkpoint {path} carries objects other than tensors and was not loaded ({e}); "
             "use the official weights file or a .safetensors export"
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} cannot be read ({first}); the file may be truncated: download it again") from None
+    except DamagedFile as e:
+        raise UserError(f"checkpoint {path} cannot be read ({e}); the file may be truncated: download it again") from None
     for key in ("model", "state_dict", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -8,9 +8,12 @@ already hold train ids). The same readers run on the real data and on the miniat
 
 GTAV and Mapillary also have *prepared* copies written by ``fishertune data prepare``
 (:mod:`fishertune.data.prepare`, Rein's file names): train-id labels and, for Mapillary validation,
-halved images and labels. A reader uses them (no table, no halving at read time) when they cover
-exactly the pairs of the release's own files, and the release's files otherwise
-(:meth:`SegDataset.choose_view`, the one place that decides).
+halved images and labels. ``prepare`` records what each copy was made from in
+``<root>/.fishertune-prepared.json`` (:data:`PREPARED_RECORD`: the size and modification time of the
+copy and of each of its sources). A reader uses the copies (no table, no halving at read time) when
+they cover exactly the pairs of the release's own files and each is as recorded, so a source changed
+after ``prepare`` (a label fixed, or broken) makes the copies stale; and the release's files
+otherwise (:meth:`SegDataset.choose_view`, the one place that decides).
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ from fishertune.data.files import read_image, read_label
 from fishertune.data.labels import CITYSCAPES_ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES, mapillary_to_train_id
 from fishertune.errors import UserError
 from fishertune.registry import Registry
+
+#: beside a data set's files, written by ``fishertune data prepare``: what each prepared copy was made from
+PREPARED_RECORD = ".fishertune-prepared.json"
+PREPARED_RECORD_VERSION = 1
+#: which of the 256 values a train-id label may hold: the train ids and 255 (ignore)
+TRAIN_ID_VALUES = np.zeros(256, dtype=bool)
+TRAIN_ID_VALUES[:NUM_CLASSES] = True
+TRAIN_ID_VALUES[IGNORE_INDEX] = True
 
 #: Accepted spellings of the two splits, mapped to their canonical names.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "validation": "val"}
@@ -127,11 +138,23 @@ class SegDataset(Dataset):
                 raise UserError(f"{self.name} has no prepared copies to read")
             return False, raw
         ready = self.list_pairs(folders)
-        complete = bool(ready.pairs) and ready.keys == raw.keys and not ready.images_without_label
+        # the release's own files unpaired: read them, so that the strict check and verify see it
+        whole = not raw.images_without_label and not raw.labels_without_image
+        complete = (bool(ready.pairs) and ready.keys == raw.keys and not ready.images_without_label and whole
+                    and self.prepared_current(raw, ready))
         if prepared and not complete:
-            raise UserError(f"the prepared {self.name} {self.split} copies under {self.root} are missing or "
-                            f"incomplete; run `fishertune data prepare {self.name} --root {self.root}`")
+            raise UserError(f"the prepared {self.name} {self.split} copies under {self.root} are missing, "
+                            f"incomplete or older than their sources; run `fishertune data prepare {self.name} "
+                            f"--root {self.root}`")
         return (True, ready) if complete else (False, raw)
+
+    def prepared_current(self, raw: Scan, ready: Scan) -> bool:
+        """Whether every prepared copy in ``ready`` (files that are not the release's own) is exactly as
+        ``prepare`` recorded it, made from sources that are as they were then (:data:`PREPARED_RECORD`)."""
+        record = read_prepared_record(self.root)
+        own = {path for pair in raw.pairs for path in pair}
+        copies = [path for pair in ready.pairs for path in pair if path not in own]
+        return all(record_current(self.root, path, record) for path in copies)
 
     def load_label_lut(self) -> np.ndarray | None:
         """256-entry table raw label value -> train id, or ``None`` where labels are train ids."""
@@ -140,12 +163,10 @@ class SegDataset(Dataset):
     def legal_raw_values(self) -> np.ndarray:
         """Which of the 256 raw label values may occur: the train ids and 255 where labels hold
         train ids, else every value the label table defines (all of them for GTAV)."""
-        legal = np.zeros(256, dtype=bool)
         if self.label_lut is None:
-            legal[:NUM_CLASSES] = True
-            legal[IGNORE_INDEX] = True
-        else:
-            legal[: self.defined_raw_values] = True
+            return TRAIN_ID_VALUES
+        legal = np.zeros(256, dtype=bool)
+        legal[: self.defined_raw_values] = True
         return legal
 
     def list_pairs(self, folders: list[Folder] | None = None) -> Scan:
@@ -202,6 +223,41 @@ class SegDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={len(self)})"
+
+
+def file_stamp(path: Path) -> list[int] | None:
+    """A file's size and modification time in nanoseconds, or None when it cannot be read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def record_entry(root: Path, copy: Path, sources: list[Path]) -> dict:
+    """What :data:`PREPARED_RECORD` holds for one prepared copy: its stamp and its sources' (by path under
+    ``root``), as they are now."""
+    return {"stamp": file_stamp(copy),
+            "sources": {source.relative_to(root).as_posix(): file_stamp(source) for source in sources}}
+
+
+def read_prepared_record(root: Path) -> dict[str, dict]:
+    """The record of a data set's prepared copies, by path under ``root``; empty when absent or unreadable
+    (then no copy counts as prepared)."""
+    try:
+        data = json.loads((Path(root) / PREPARED_RECORD).read_text())
+        copies = data["copies"] if data.get("version") == PREPARED_RECORD_VERSION else {}
+        return copies if isinstance(copies, dict) else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def record_current(root: Path, copy: Path, record: dict[str, dict]) -> bool:
+    """Whether ``copy`` and each of its sources are as ``record`` says they were when it was made."""
+    entry = record.get(copy.relative_to(root).as_posix())
+    if not isinstance(entry, dict) or not isinstance(entry.get("sources"), dict):
+        return False
+    return entry == record_entry(root, copy, [root / source for source in entry["sources"]])
 
 
 def _by_key(folder: Path, pattern: str, suffix: str) -> dict[str, Path]:

@@ -15,24 +15,32 @@ What each data set gets (DESIGN section 4; Rein's ``tools/convert_datasets/`` an
   ``mapillary2cityscape.py --train_id``; and the halved validation set ``half/val_img/<key>.jpg``
   (bicubic; JPEG at quality 75, Pillow's default that Rein's plain ``save`` uses) and
   ``half/val_label/<key>.png`` (nearest), as ``mapillary_resize.py``. The folder names are those
-  of Rein's README, so a tree prepared by Rein's tools is recognised (and refreshed where older).
+  of Rein's README; copies made by Rein's tools have no record of their sources, so ``prepare``
+  makes them again before the readers use them.
 - ``bdd100k``, ``acdc``: nothing to convert; every pair is checked as ``fishertune data verify``
   checks it (pair counts are left to ``verify``).
 
-Finished outputs are skipped: an output is *finished* when it exists, is not older than any of its
-sources (the label, the image, Mapillary's config, the polygon file) and it reads whole (as
-``verify`` reads an image: PNG chunks checked, JPEG decoded at 1/8 scale) at the size it must have
-(the source's, or half of it). Every output is written to ``.<name>.<pid>.tmp``
+What each GTAV and Mapillary copy was made from is recorded in ``<root>/.fishertune-prepared.json``
+(:data:`~fishertune.data.datasets.PREPARED_RECORD`: size and modification time of the copy and of each
+of its sources: the label, the image, Mapillary's config); the readers use the copies only while the
+record holds (a source changed since, e.g. a label fixed by hand, makes them stale until ``prepare``
+runs again). Finished copies are skipped: a copy is *finished* when the record holds for it and it
+reads whole at the size it must have (the source's, or half of it), a label in full with train ids
+only, as ``verify`` reads it, an image as ``verify`` does (PNG chunks checked, JPEG decoded at 1/8
+scale). Anything else (no record: copies made by Rein's tools or an older version, or changed since)
+is converted again. Cityscapes' labels, made from polygon files, are finished when they read whole and
+are not older than their polygon file. Every output is written to ``.<name>.<pid>.tmp``
 in its folder, flushed to disk and renamed into place, so a killed run leaves whole files or none;
 temporary files of runs that are no longer alive are removed when the next run starts.
 
 Checks: every split's listing (missing folders, images without label, labels without image). Each
 pair that is converted is checked as ``verify`` checks it first (readable image and label, label
 values the data set defines, e.g. Mapillary ids inside its 66); a pair with a problem gets no
-output, so a rerun reports it again until it is fixed. Pairs already finished get a header check
-only. A label whose size differs from its image is *noted* and converted as it is (Rein converts it
-too, and its fixed-size training ``Resize`` then stretches image and label to the same size
-without a word); prepare does not alter data.
+output, so a rerun reports it again until it is fixed (and a copy it had is not recorded, so the
+readers use the release's files, where ``verify`` finds the problem). A label whose size differs from
+its image is *noted* and converted as it is (Rein converts it too, and its fixed-size training
+``Resize`` then stretches image and label to the same size without a word); prepare does not alter
+data.
 """
 
 from __future__ import annotations
@@ -50,8 +58,9 @@ from typing import Callable, Iterable
 
 from PIL import Image
 
-from fishertune.data.datasets import (GTAV, Cityscapes, Mapillary, SegDataset, build_dataset, dataset_class, half_size,
-                                      halve_image, halve_label)
+from fishertune.data.datasets import (GTAV, PREPARED_RECORD, PREPARED_RECORD_VERSION, TRAIN_ID_VALUES, Cityscapes,
+                                      Mapillary, SegDataset, build_dataset, dataset_class, half_size, halve_image,
+                                      halve_label, read_prepared_record, record_entry)
 from fishertune.data.files import read_image
 from fishertune.data.verify import (SIZE_MISMATCH, UNREADABLE_IMAGE, UNREADABLE_LABEL, check_image, check_label,
                                     check_pair, check_sizes, listing_issues, pair_counts)
@@ -75,11 +84,13 @@ Issue = tuple[str, str]
 
 @dataclass
 class Outcome:
-    """What one job did: output kinds written and already finished, and its findings."""
+    """What one job did: output kinds written and already finished, and its findings; ``recorded``: the
+    record entry of each copy now finished (by path under the root)."""
 
     written: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     issues: list[Issue] = field(default_factory=list)
+    recorded: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,6 +108,7 @@ class PrepareReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     found: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    recorded: dict[str, dict] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -105,6 +117,7 @@ class PrepareReport:
     def add(self, outcome: Outcome) -> None:
         self.written.update(outcome.written)
         self.finished.update(outcome.finished)
+        self.recorded.update(outcome.recorded)
         for kind, detail in outcome.issues:
             self.found.setdefault(kind, []).append(detail)
 
@@ -142,7 +155,7 @@ def prepare_dataset(name: str, root: str | Path, workers: int | None = None, pro
     steps: dict[str, Callable[..., PrepareReport]] = {
         "gtav": prepare_gtav, "cityscapes": prepare_cityscapes, "mapillary": prepare_mapillary}
     prepare = steps.get(name, functools.partial(check_only, name))
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     return prepare(Path(root), workers, progress and enabled()).finish()
@@ -154,28 +167,31 @@ def prepare_gtav(root: Path, workers: int, progress: bool) -> PrepareReport:
     dataset = GTAV(root, prepared=False, strict=False)
     _list(dataset, report)
     _remove_stale(report, [dataset.root / "labels"])
-    jobs = [functools.partial(_gtav_pair, dataset, image, label) for image, label in dataset.pairs]
+    record = read_prepared_record(dataset.root)
+    jobs = [functools.partial(_gtav_pair, dataset, image, label, record) for image, label in dataset.pairs]
     _run(jobs, "prepare gtav", workers, progress, report)
+    _write_record(dataset.root, report)
     _after(report, [dataset])
     return report
 
 
-def _gtav_pair(dataset: GTAV, image: Path, label: Path) -> Outcome:
+def _gtav_pair(dataset: GTAV, image: Path, label: Path, record: dict[str, dict]) -> Outcome:
     out = Outcome()
     image_size, label_size = _header(image, UNREADABLE_IMAGE, out), _header(label, UNREADABLE_LABEL, out)
     if image_size is None or label_size is None:
         return out
     out.issues += check_sizes(label, image_size, label_size)
     target = dataset.train_id_path(label)
-    if _finished(target, label_size, [label]):
+    if _fresh(dataset.root, target, label_size, [label], record, out):
         out.finished.append(TRAIN_ID_LABELS)
         return out
     _, problems = check_image(image)
-    raw, label_problems = check_label(dataset, label)
+    raw, label_problems = check_label(dataset.legal_raw_values(), label)
     if problems or label_problems:
         out.issues += problems + label_problems
         return out
     write_atomic(target, Image.fromarray(dataset.map_label(raw), "L"), "PNG")
+    out.recorded[_rel(dataset.root, target)] = record_entry(dataset.root, target, [label])
     out.written.append(TRAIN_ID_LABELS)
     return out
 
@@ -184,6 +200,8 @@ def prepare_mapillary(root: Path, workers: int, progress: bool) -> PrepareReport
     """Mapillary: 19-class train-id copies of the labels (Rein's ``mapillary2cityscape.py``) and the
     halved validation images and labels (``mapillary_resize.py``)."""
     report = PrepareReport("mapillary", root)
+    record = read_prepared_record(root)
+    views = []
     for split in Mapillary.splits:
         dataset = Mapillary(root, split, halve=False, prepared=False, strict=False)
         _list(dataset, report)
@@ -192,16 +210,18 @@ def prepare_mapillary(root: Path, workers: int, progress: bool) -> PrepareReport
         if split == "val":
             outputs += [root / Mapillary.half_images, root / Mapillary.half_labels]
         _remove_stale(report, outputs)
-        jobs = [functools.partial(_mapillary_pair, dataset, image, label, config) for image, label in dataset.pairs]
+        jobs = [functools.partial(_mapillary_pair, dataset, image, label, config, record)
+                for image, label in dataset.pairs]
         _run(jobs, f"prepare mapillary {split}", workers, progress, report)
-        views = [dataset]
-        if split == "val":
-            views.append(Mapillary(root, split, halve=True, prepared=False, strict=False))
-        _after(report, views)
+        views.append([dataset] + ([Mapillary(root, split, halve=True, prepared=False, strict=False)]
+                                  if split == "val" else []))
+    _write_record(root, report)
+    for split_views in views:
+        _after(report, split_views)
     return report
 
 
-def _mapillary_pair(dataset: Mapillary, image: Path, label: Path, config: Path) -> Outcome:
+def _mapillary_pair(dataset: Mapillary, image: Path, label: Path, config: Path, record: dict[str, dict]) -> Outcome:
     out = Outcome()
     image_size, label_size = _header(image, UNREADABLE_IMAGE, out), _header(label, UNREADABLE_LABEL, out)
     if image_size is None or label_size is None:
@@ -213,7 +233,8 @@ def _mapillary_pair(dataset: Mapillary, image: Path, label: Path, config: Path) 
     if dataset.split == "val":
         targets += [(root / dataset.half_images / (key + dataset.image_suffix), half_size(image_size), HALVED_IMAGES),
                     (root / dataset.half_labels / label.name, half_size(label_size), HALVED_LABELS)]
-    todo = [t for t in targets if not _finished(t[0], t[1], [image, label, config])]
+    sources = {TRAIN_ID_LABELS: [label, config], HALVED_IMAGES: [image], HALVED_LABELS: [label, config]}
+    todo = [t for t in targets if not _fresh(root, t[0], t[1], sources[t[2]], record, out, t[2] != HALVED_IMAGES)]
     out.finished += [kind for _, _, kind in targets if all(kind != k for _, _, k in todo)]
     if not todo:
         return out
@@ -226,7 +247,7 @@ def _mapillary_pair(dataset: Mapillary, image: Path, label: Path, config: Path) 
             problems = [(UNREADABLE_IMAGE, f"{image} ({e})")]
     else:
         _, problems = check_image(image)
-    raw, label_problems = check_label(dataset, label)
+    raw, label_problems = check_label(dataset.legal_raw_values(), label)
     if problems or label_problems:
         out.issues += problems + label_problems
         return out
@@ -237,6 +258,7 @@ def _mapillary_pair(dataset: Mapillary, image: Path, label: Path, config: Path) 
             write_atomic(path, Image.fromarray(dataset.map_label(halve_label(raw)), "L"), "PNG")
         else:
             write_atomic(path, Image.fromarray(halve_image(pixels)), "JPEG", quality=JPEG_QUALITY)
+        out.recorded[_rel(root, path)] = record_entry(root, path, sources[kind])
         out.written.append(kind)
     return out
 
@@ -362,6 +384,47 @@ def _header(path: Path, kind: str, out: Outcome) -> tuple[int, int] | None:
     except Exception as e:  # noqa: BLE001 - any failure to read is the finding being reported
         out.issues.append((kind, f"{path} ({e})"))
         return None
+
+
+def _rel(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _fresh(root: Path, target: Path, size: tuple[int, int], sources: list[Path], record: dict[str, dict],
+           out: Outcome, label: bool = True) -> bool:
+    """Whether the copy ``target`` is finished (see the module docstring): ``record`` holds for it and its
+    ``sources``, and it reads whole at ``size``, as a train-id label when ``label`` (read in full, as
+    ``verify`` reads it). A finished copy's record entry goes into ``out``."""
+    entry = record.get(_rel(root, target))
+    if entry != record_entry(root, target, sources):
+        return False
+    if label:
+        found, problems = check_label(TRAIN_ID_VALUES, target)
+        found = None if found is None else (found.shape[1], found.shape[0])
+    else:
+        found, problems = check_image(target)
+    if problems or found != size:
+        return False
+    out.recorded[_rel(root, target)] = entry
+    return True
+
+
+def _write_record(root: Path, report: PrepareReport) -> None:
+    """Write the record of the copies finished so far (:data:`PREPARED_RECORD`), atomically, unless it holds
+    exactly that already; a copy that is not finished (a problem with its pair) has no entry."""
+    if read_prepared_record(root) == report.recorded:
+        return
+    text = json.dumps({"version": PREPARED_RECORD_VERSION, "copies": report.recorded}, indent=0, sort_keys=True)
+    path = root / PREPARED_RECORD
+    tmp = _temp_path(path)
+    try:
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); free some space or make the folder "
+                        "writable") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _finished(target: Path, size: tuple[int, int] | None, sources: Iterable[Path]) -> bool:

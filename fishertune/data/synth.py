@@ -25,6 +25,8 @@ at once.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -47,6 +49,7 @@ VERSION = 3  # 2: separate training-source counts, GTAV at 256 x 141; 3: BDD100K
 DATASETS = ("gtav", "cityscapes", "bdd100k", "mapillary", "acdc")
 MARKER = "SYNTH.json"
 REPLACING = ".synth-replacing"  # present while data sets are being swapped into place
+LOCK = ".synth.lock"  # held (flock) by the process writing the tree
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 MAPILLARY_SIZES = ((320, 240), (320, 180), (288, 216), (300, 200), (256, 192), (192, 256), (240, 320))
 FIXED_SIZES = {"gtav": (256, 141), "cityscapes": (256, 128), "bdd100k": (256, 144), "acdc": (240, 135)}
@@ -258,11 +261,14 @@ def synthesize(out: Path, seed: int = 0, images: int = 12, progress: bool = True
     ``workers`` processes (default: the CPU's cores, at most 4; the files are the same for any number).
 
     Returns at once if ``out/SYNTH.json`` records the same seed, counts and version. Refuses (with
-    a :class:`UserError`) to replace data set folders in ``out`` that it did not write.
+    a :class:`UserError`) to replace data set folders in ``out`` that it did not write. Writing happens
+    under an exclusive lock on ``out/.synth.lock``: a second process asking for the same tree meanwhile
+    waits and then returns the first one's.
     """
     train_images = 2 * images if train_images is None else train_images
-    if images < 1 or train_images < 1:
-        raise UserError(f"--images and --train-images must be at least 1, got {images} and {train_images}")
+    for flag, value in (("--images", images), ("--train-images", train_images)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     out = Path(out)
     roots = {name: out / name for name in DATASETS}
     params = {"seed": seed, "images": images, "train_images": train_images, "version": VERSION}
@@ -270,6 +276,28 @@ def synthesize(out: Path, seed: int = 0, images: int = 12, progress: bool = True
     if _marker(marker) == params and all(root.is_dir() for root in roots.values()):
         return roots
     out.mkdir(parents=True, exist_ok=True)
+    with _generation_lock(out):  # a second process waits, then finds the first one's tree complete
+        if _marker(marker) == params and all(root.is_dir() for root in roots.values()):
+            return roots
+        _generate(out, roots, params, progress, workers or min(os.cpu_count() or 1, 4))
+    return roots
+
+
+@contextlib.contextmanager
+def _generation_lock(out: Path):
+    """An exclusive ``flock`` on ``out/.synth.lock`` while the tree is written (dropped by the kernel when its
+    holder dies), so that two processes never replace folders the other is writing or already reading."""
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _generate(out: Path, roots: dict[str, Path], params: dict, progress: bool, workers: int) -> None:
+    """Write the tree under ``out/.tmp-<pid>/`` and rename it into place (see :func:`synthesize`)."""
+    marker = out / MARKER
     ours = marker.exists() or (out / REPLACING).exists()
     foreign = [name for name, root in roots.items() if root.exists()] if not ours else []
     if foreign:
@@ -278,9 +306,10 @@ def synthesize(out: Path, seed: int = 0, images: int = 12, progress: bool = True
     _remove_stale_tmp(out)
     tmp = out / f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    items = plan(seed, images, train_images)
+    seed = params["seed"]
+    items = plan(seed, params["images"], params["train_images"])
     try:
-        _write_items(tmp, seed, items, progress, workers or min(os.cpu_count() or 1, 4))
+        _write_items(tmp, seed, items, progress, workers)
         (tmp / "mapillary" / "config_v1.2.json").write_text(json.dumps(mapillary_v12_config(), indent=2) + "\n")
         (out / REPLACING).write_text(json.dumps(params) + "\n")
         marker.unlink(missing_ok=True)
@@ -292,7 +321,6 @@ def synthesize(out: Path, seed: int = 0, images: int = 12, progress: bool = True
         (out / REPLACING).unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return roots
 
 
 def _write_chunk(args: tuple[Path, int, list[Item]]) -> int:

@@ -36,7 +36,7 @@ OFFICIAL_COUNTS: dict[str, dict[str, int]] = {
 
 MISSING_FOLDER = "missing folders"
 #: bump when the checks change, so that trees verified by an older version are checked again
-VERIFY_VERSION = 1
+VERIFY_VERSION = 2  # 2: prepared copies are read only while their record holds; raw orphans are seen
 
 IMAGE_WITHOUT_LABEL = "images without label"
 LABEL_WITHOUT_IMAGE = "labels without image"
@@ -123,7 +123,7 @@ def listing_issues(dataset: SegDataset) -> list[tuple[str, str]]:
 def check_pair(dataset: SegDataset, image_path: Path, label_path: Path) -> list[tuple[str, str]]:
     """The problems of one pair, as ``(kind, detail)``."""
     size, issues = check_image(image_path)
-    raw, label_issues = check_label(dataset, label_path)
+    raw, label_issues = check_label(dataset.legal_raw_values(), label_path)
     issues += label_issues
     if raw is not None:
         issues += check_sizes(label_path, size, (raw.shape[1], raw.shape[0]))
@@ -146,15 +146,15 @@ def check_image(path: Path) -> tuple[tuple[int, int] | None, list[tuple[str, str
         return None, [(UNREADABLE_IMAGE, f"{path} ({e})")]
 
 
-def check_label(dataset: SegDataset, path: Path) -> tuple[np.ndarray | None, list[tuple[str, str]]]:
-    """The raw label map (``None`` if unreadable) and its problems: unreadable, or values that the
-    reader gives no meaning (:meth:`SegDataset.legal_raw_values`)."""
+def check_label(legal: np.ndarray, path: Path) -> tuple[np.ndarray | None, list[tuple[str, str]]]:
+    """The raw label map (``None`` if unreadable) and its problems: unreadable, or values outside ``legal``
+    (256 booleans: those the reader gives a meaning, :meth:`SegDataset.legal_raw_values`)."""
     try:
         raw = read_label(path)
     except (OSError, UserError, ValueError) as e:
         return None, [(UNREADABLE_LABEL, f"{path} ({e})")]
     present = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
-    illegal = present[~dataset.legal_raw_values()[present]]
+    illegal = present[~legal[present]]
     if illegal.size:
         return raw, [(ILLEGAL_VALUE, f"{path} (values {', '.join(map(str, illegal[:5]))})")]
     return raw, []
@@ -180,7 +180,7 @@ def expected_counts(name: str, root: Path) -> dict[str, int]:
     return OFFICIAL_COUNTS.get(name, {})
 
 
-def _listing_signature(name: str, root: Path, split: str) -> str:
+def _listing_signature(name: str, root: Path, split: str, expected: dict[str, int] | None) -> str:
     """Hash of what a check depends on: every file of the split's listing with its size and time."""
     dataset = build_dataset(name, root, split, strict=False)
     h = hashlib.sha256(f"{name}|{Path(root).resolve()}|{split}|{VERIFY_VERSION}".encode())
@@ -190,25 +190,29 @@ def _listing_signature(name: str, root: Path, split: str) -> str:
             h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     for image, _ in dataset.scan.images_without_label:
         h.update(f"{image}|no label\n".encode())
-    h.update(json.dumps(expected_counts(name, root), sort_keys=True).encode())
+    h.update(json.dumps(expected, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
-def preflight(name: str, root: str | Path, split: str, cache: Path | None, progress: bool = True) -> None:
+def preflight(name: str, root: str | Path, split: str, cache: Path | None, progress: bool = True,
+              any_count: bool = False) -> None:
     """The check every run makes before training: :func:`verify_dataset` on the split it reads, with the
-    expected counts; a :class:`UserError` (one line: the problems, the command for the full report) when
-    the tree is not usable. A passed check is remembered under ``cache`` for this exact listing (files,
-    sizes, modification times), so a sweep verifies each tree once."""
+    expected counts (none with ``any_count``); a :class:`UserError` (one line: the problems, the command for
+    the full report) when the tree is not usable. A passed check is remembered under ``cache`` for this
+    exact listing (files, sizes, modification times) and expectation, so a sweep verifies each tree once."""
     root = Path(root)
+    expected = None if any_count else expected_counts(name, root)
     marker = None
     if cache is not None:
-        marker = Path(cache) / "verified" / f"{name}-{split}-{_listing_signature(name, root, split)}"
+        marker = Path(cache) / "verified" / f"{name}-{split}-{_listing_signature(name, root, split, expected)}"
         if marker.is_file():
             return
-    report = verify_dataset(name, root, split=split, expected=expected_counts(name, root), progress=progress)
+    report = verify_dataset(name, root, split=split, expected=expected, progress=progress)
     if not report.ok:
+        counts = "" if any_count or not any(COUNT in p for p in report.problems) else \
+            " (a tree with other counts on purpose: --any-count, or data.counts: any in the manifest)"
         raise UserError(f"{name} at {root} is not usable: {' | '.join(report.problems)}; see "
-                        f"`fishertune data verify {name} --root {root} --split {split}`")
+                        f"`fishertune data verify {name} --root {root} --split {split}`{counts}")
     if marker is not None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")

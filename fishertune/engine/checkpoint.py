@@ -22,8 +22,14 @@ import numpy as np
 import torch
 
 from fishertune.errors import UserError
+from fishertune.tensorfile import DamagedFile, torch_load
 
 CHECKPOINT_VERSION = 1
+#: what a checkpoint holds (``fishertune.engine.train``), with the types each entry must have
+FIELDS: dict[str, tuple[type, ...]] = {
+    "iteration": (int,), "model": (dict,), "optimizer": (dict,), "scheduler": (dict,), "losses": (list,),
+    "last_finite": (list, type(None)), "window": (torch.Tensor,), "seconds": (float, int), "rng": (list,)}
+_MISSING = object()
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -81,14 +87,18 @@ class Checkpoint:
         if not self.path.is_file():
             return None
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
-        except Exception as e:  # truncated, not a checkpoint, or carrying code (refused by weights_only)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"{self.path}: not a loadable checkpoint ({first[:200]}); delete it to restart the "
+            state = torch_load(self.path, mmap=mmap)
+        except DamagedFile as e:  # truncated, not a checkpoint, or carrying code (refused by weights_only)
+            raise UserError(f"{self.path}: not a loadable checkpoint ({e}); delete it to restart the "
                             "cell from iteration 0") from None
         if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
             raise UserError(f"{self.path}: not a checkpoint of this version of fishertune-bench; delete it to "
                             "restart the cell from iteration 0")
+        wrong = [key for key, kinds in FIELDS.items() if not isinstance(state.get(key, _MISSING), kinds)]
+        if wrong or state["iteration"] < 0:
+            what = f"lacks or mistypes {', '.join(wrong)}" if wrong else f"has iteration {state['iteration']}"
+            raise UserError(f"{self.path}: a damaged checkpoint ({what}); delete it to restart the cell from "
+                            "iteration 0")
         return state
 
     def iteration(self) -> int | None:

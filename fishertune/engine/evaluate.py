@@ -24,7 +24,11 @@ from fishertune.progress import bar
 
 
 def window_origins(length: int, crop: int, stride: int) -> list[int]:
-    """Window starts along one axis, mmseg's slide rule: the last window is flush with the edge."""
+    """Window starts along one axis, mmseg's slide rule: the last window is flush with the edge. With
+    ``0 < stride <= crop`` the windows cover every position; a larger stride would leave gaps and is refused."""
+    if not 0 < stride <= crop:
+        raise ValueError(f"sliding-window stride {stride} must be in 1..crop ({crop}); a larger one leaves "
+                         "pixels no window covers")
     n = max(math.ceil((length - crop) / stride), 0) + 1
     return sorted({max(min(i * stride, length - crop), 0) for i in range(n)})
 
@@ -49,6 +53,8 @@ def slide_logits(model: torch.nn.Module, image: torch.Tensor, num_classes: int, 
             hh, ww = min(crop, h - y), min(crop, w - x)
             logits[0, :, y : y + hh, x : x + ww] += win_logits[:, :hh, :ww]
             count[0, :, y : y + hh, x : x + ww] += 1
+    if not bool((count > 0).all()):  # never average over no window: 0/0 would be arg-maxed to class 0
+        raise AssertionError(f"sliding windows ({crop}, stride {stride}) left pixels of a {h}x{w} image uncovered")
     return logits / count
 
 

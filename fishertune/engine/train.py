@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +33,9 @@ from fishertune.data import TrainTransform, to_tensor
 from fishertune.engine.checkpoint import (Checkpoint, load_trainable_state, rng_state, set_rng_state,
                                           trainable_state)
 from fishertune.engine.optim import build_optimizer, build_scheduler
+from fishertune.errors import UserError
 from fishertune.progress import bar as progress_bar
+from fishertune.tensorfile import first_line
 
 
 class TrainStream(Dataset):
@@ -187,12 +189,13 @@ def train(segmentor: torch.nn.Module, method, dataset, transform: TrainTransform
         load_trainable_state(segmentor, saved["model"], checkpoint.path)
         for it in range(saved["iteration"]):  # the method's own record of its growth stages (cheap, no tensors)
             method.sparse_growth(segmentor, it, iterations)
-        optimizer.load_state_dict(saved["optimizer"])  # a sparse optimizer's indices are in its groups
-        scheduler.load_state_dict(saved["scheduler"])
+        with _restoring(checkpoint):
+            optimizer.load_state_dict(saved["optimizer"])  # a sparse optimizer's indices are in its groups
+            scheduler.load_state_dict(saved["scheduler"])
+            stats.losses = [tuple(x) for x in saved["losses"]]
+            last_finite = tuple(saved["last_finite"]) if saved["last_finite"] else None
         start, elapsed = saved["iteration"], saved["seconds"]
-        stats.losses = [tuple(x) for x in saved["losses"]]
         stats.resumed_from = start
-        last_finite = tuple(saved["last_finite"]) if saved["last_finite"] else None
     else:  # training's random draws (drop path, point sampling) follow the seed alone: not what ran before
         # (initialisation, a method's estimate), and in a distributed run a stream per process
         torch.manual_seed(seed if world_size == 1 else seed * 1000 + rank)
@@ -207,7 +210,8 @@ def train(segmentor: torch.nn.Module, method, dataset, transform: TrainTransform
     loader = source_batches(dataset, transform, seed, batch_size, num_workers, start, iterations, rank, world_size)
     batches = iter(loader)
     if saved is not None:  # the streams as they were at the save
-        set_rng_state(saved["rng"][rank], device)
+        with _restoring(checkpoint):
+            set_rng_state(saved["rng"][rank], device)
     started = time.perf_counter()
     window = torch.zeros(log_every, device=device)
     pending = 0  # steps in ``window`` not yet read
@@ -244,6 +248,16 @@ def train(segmentor: torch.nn.Module, method, dataset, transform: TrainTransform
                   elapsed + time.perf_counter() - started, device, rank, world_size)
     stats.seconds = elapsed + time.perf_counter() - started
     return stats
+
+
+@contextmanager
+def _restoring(checkpoint: Checkpoint):
+    """Restoring a part of ``checkpoint``: a part that does not fit this cell's training is a one-line error."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{checkpoint.path}: does not fit this cell's training state ({first_line(e)}); delete it "
+                        "to restart the cell from iteration 0") from None
 
 
 def _save(checkpoint: Checkpoint, segmentor, optimizer, scheduler, stats: TrainStats, iteration: int,

@@ -92,10 +92,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from fishertune.errors import UserError
 from fishertune.fisher.shift import DomainShift
 from fishertune.progress import bar
+from fishertune.tensorfile import DamagedFile, first_line, load_safetensors
 
 IGNORE_INDEX = 255
 FORMAT = "fishertune.fisher/1"
@@ -157,17 +159,23 @@ class FisherEstimate:
 
     @classmethod
     def load(cls, path: str | Path) -> "FisherEstimate":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-        meta = {k: json.loads(v) for k, v in raw.items()}
+        """The estimate saved at ``path``; a damaged or foreign file is a one-line :class:`UserError`."""
+        fix = "delete it (or its folder) to estimate again"
+        try:
+            tensors, raw = load_safetensors(path)
+            meta = {k: json.loads(v) for k, v in raw.items()}
+        except (DamagedFile, ValueError) as e:
+            raise UserError(f"{path}: a damaged Fisher estimate ({first_line(e)}); {fix}") from None
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a Fisher estimate of format {FORMAT} (metadata format {meta.get('format')!r})")
-        tensors = load_file(str(path))
-        groups = {g: {n: tensors[f"{g}/{n}"] for n in meta["names"]} if g in meta["groups"] else None for g in GROUPS}
-        return cls(**groups, estimator=meta["estimator"], labels=meta["labels"], images=meta["images"],
-                   eps_mu=meta["eps_mu"], eps_sigma=meta["eps_sigma"], config=meta["config"])
+            raise UserError(f"{path}: not a Fisher estimate of format {FORMAT} (metadata format "
+                            f"{meta.get('format')!r}); {fix}")
+        try:
+            groups = {g: {n: tensors[f"{g}/{n}"] for n in meta["names"]} if g in meta["groups"] else None
+                      for g in GROUPS}
+            return cls(**groups, estimator=meta["estimator"], labels=meta["labels"], images=meta["images"],
+                       eps_mu=meta["eps_mu"], eps_sigma=meta["eps_sigma"], config=meta["config"])
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{path}: a damaged Fisher estimate (no {first_line(e)}); {fix}") from None
 
 
 # --------------------------------------------------------------------------------------------- DR-FIM
@@ -357,7 +365,7 @@ def direct_fisher(segmentor: torch.nn.Module, params: Tensors, batches: Iterable
 class VariationalConfig(BaseModel):
     """Settings of :func:`variational_fisher` (``variational_fisher(..., **cfg.model_dump())``)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
     gamma: float = Field(1e-8, gt=0, description="weight of KL(q || p) in the objective; the estimate is "
                                                  "gamma (Lambda - tau^-2), so gamma sets which Fisher values stand "

@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from fishertune.errors import UserError
 from fishertune.fisher.estimate import FisherEstimate, VariationalConfig, direct_fisher, variational_fisher
@@ -52,6 +52,7 @@ from fishertune.fisher.select import RANDOM_WITHIN, SELECTORS, select
 from fishertune.fisher.shift import DomainShift
 from fishertune.fisher.sparse import block_parameters, budget_elements
 from fishertune.runner.store import atomic_write
+from fishertune.tensorfile import DamagedFile, load_safetensors
 from fishertune.tuning import MethodConfig, MethodContext, TuningMethod, register_method
 
 #: bump when an estimate computed with the same key would come out differently
@@ -84,7 +85,8 @@ class FisherTuneConfig(MethodConfig):
     shift: DomainShift = Field(default_factory=DomainShift, description="how x' is made from x (DESIGN section 5)")
     variational: VariationalConfig = Field(default_factory=VariationalConfig,
                                            description="settings of the variational estimate")
-    selection_seed: int | None = Field(None, description="seed of the random selectors; null: the manifest's seed")
+    selection_seed: int | None = Field(None, ge=0, le=2**63 - 1,
+                                       description="seed of the random selectors; null: the manifest's seed")
     schedule: Literal["fixed", "growing"] = Field(
         "fixed", description="fixed: the whole mask trains from the start (default); growing: the highest-rated "
                              "start_fraction of it first, then more in growth_stages equal steps until all of it "
@@ -110,6 +112,32 @@ def absolute_eps(estimate: FisherEstimate, relative: float) -> float:
     total = sum(float(torch.minimum(a[n], b[n]).double().sum()) for n in a)
     count = sum(a[n].numel() for n in a)
     return relative * scale * total / max(count, 1)
+
+
+def read_mask(path: Path, params: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """A cached mask, checked against the parameters it selects from: every candidate named, sorted and unique
+    int64 indices inside each parameter, ``k`` in all. Anything else is a one-line :class:`UserError`."""
+    try:
+        mask, _ = load_safetensors(path)
+    except DamagedFile as e:
+        raise UserError(f"{path}: a damaged mask ({e}); delete it to select again") from None
+    problem = None
+    if set(mask) != set(params):
+        other = sorted(set(mask) ^ set(params))[0]
+        problem = f"it does not name the backbone's block parameters (e.g. {other!r})"
+    else:
+        for name, idx in mask.items():
+            n = params[name].numel()
+            if (idx.dtype != torch.int64 or idx.ndim != 1 or
+                    (idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= n or not bool((idx[1:] > idx[:-1]).all())))):
+                problem = f"{name}: its indices are not sorted, unique int64 in [0, {n})"
+                break
+        else:
+            total = sum(t.numel() for t in mask.values())
+            problem = f"it selects {total:,} elements, not {k:,}" if total != k else None
+    if problem:
+        raise UserError(f"{path}: a damaged mask ({problem}); delete it to select again")
+    return mask
 
 
 @register_method
@@ -151,7 +179,7 @@ class FisherTune(TuningMethod):
         mask_path = folder / f"mask-{cfg.selector}-{mask_key}.safetensors" if folder else None
         self.paths = {}
         if mask_path is not None and mask_path.exists():
-            self.mask = load_file(str(mask_path))
+            self.mask = read_mask(mask_path, block_parameters(backbone), k)
             self.paths["mask"] = mask_path
             return
         estimate, eps = None, cfg.eps

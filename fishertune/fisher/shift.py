@@ -183,7 +183,7 @@ def fourier_shift(images: torch.Tensor, beta: float, mix: float = 1.0, generator
 class DomainShift(BaseModel):
     """Which shift makes x' and its strength; call it as ``shift(images, generator) -> (x', sizes)``."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
     kind: Literal["style", "photometric", "fourier"] = Field(
         "style", description="style: DSU's N(0,1) x batch-spread shift of the per-channel mean and std (default); "

@@ -9,8 +9,11 @@ name and built from their manifest config with ``build_head``.
 from __future__ import annotations
 
 import inspect
+import warnings
+from typing import Annotated
 
 import torch
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from torch import nn
 
 from fishertune.errors import UserError
@@ -30,13 +33,29 @@ class DecodeHead(nn.Module):
 
 
 def check_head(name: str, cfg: dict, where: str = "") -> type[DecodeHead]:
-    """The head class of ``name``; an option it does not take is a one-line user error naming the ones it does."""
+    """The head class of ``name``, after checking ``cfg`` before any data is read: an option it does not take,
+    a value of the wrong type, a negative or non-finite number, or a combination the head refuses when built
+    (on the meta device: no memory) is a one-line user error."""
     cls = HEADS.get(name, where)
-    options = [p for p in inspect.signature(cls).parameters if p not in ("in_channels", "num_classes")]
-    unknown = sorted(set(cfg) - set(options))
+    at = f"{where}: " if where else ""
+    params = {k: p for k, p in inspect.signature(cls, eval_str=True).parameters.items()
+              if k not in ("in_channels", "num_classes")}
+    unknown = sorted(set(cfg) - set(params))
     if unknown:
-        at = f"{where}: " if where else ""
-        raise UserError(f"{at}head {name!r} has no option {unknown[0]!r}; its options are: {', '.join(options)}")
+        raise UserError(f"{at}head {name!r} has no option {unknown[0]!r}; its options are: {', '.join(params)}")
+    for key, value in cfg.items():
+        kind = params[key].annotation
+        number = Annotated[kind, Field(ge=0, allow_inf_nan=False)] if kind in (int, float) else kind
+        try:
+            TypeAdapter(number, config=ConfigDict(strict=True)).validate_python(value)
+        except ValidationError as e:
+            raise UserError(f"{at}head {name!r} option {key!r}: {e.errors()[0]['msg']} (got {value!r})") from None
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. zero-element tensors on the meta device
+            cls(in_channels=64, num_classes=2, **cfg)
+    except ValueError as e:
+        raise UserError(f"{at}head {name!r}: {e}") from None
     return cls
 
 

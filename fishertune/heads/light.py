@@ -19,6 +19,8 @@ from fishertune.heads.base import HEADS, DecodeHead, mean_over_processes
 class LightHead(DecodeHead):
     def __init__(self, in_channels: int, num_classes: int, channels: int = 256, dropout: float = 0.1, groups: int = 32):
         super().__init__()
+        if channels < 1 or groups < 1:
+            raise ValueError(f"channels ({channels}) and groups ({groups}) must be at least 1")
         self.lateral = nn.ModuleList(nn.Conv2d(in_channels, channels, 1) for _ in range(4))
         self.fuse = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1, bias=False),

@@ -36,7 +36,8 @@ from fishertune.backbones import BACKBONES
 from fishertune.data.labels import CLASSES, NUM_CLASSES, PALETTE, colourize
 from fishertune.errors import UserError
 from fishertune.report.paper import PAPER_BACKBONE, paper_table
-from fishertune.report.tables import DATA_KIND, METHOD_ORDER, _route, load_table_results, miniature_counts
+from fishertune.report.tables import (DATA_KIND, METHOD_ORDER, _route, counts_used, load_table_results,
+                                      miniature_counts, output_name)
 from fishertune.runner.store import atomic_write, iter_results
 
 __all__ = ["DEFAULT_METHODS", "colourize", "colours", "data_line", "plot_results", "plot_per_class",
@@ -108,13 +109,9 @@ def data_line(results: list[dict]) -> str:
         text = f"TINY OVERRIDE (tiny random backbones, miniature protocol; not comparable to the paper); {text}"
     if man.get("data_subset"):
         text += f"; SUBSET of {man['data_subset']} images per set (not the full sets)"
+    if man.get("data_counts") == "any":
+        text += f"; OTHER COUNTS than the official ones: {counts_used(r)}"
     return f"{text}. Manifest {man['name']} v{man['version']}."
-
-
-def _out_name(results: list[dict]) -> str:
-    man = results[0]["manifest"]
-    return (man["name"] + ("-tiny" if man.get("tiny") else "")
-            + (f"-subset{man['data_subset']}" if man.get("data_subset") else ""))
 
 
 def save_figure(fig, stem: Path) -> list[Path]:
@@ -602,7 +599,7 @@ def plot_results(results_dir: str | Path, out_dir: str | Path | None = None, man
     written: list[Path] = []
     for results in loaded:
         table = results[0]["manifest"]["table"]
-        out = root / _out_name(results)
+        out = root / output_name(results)
         if table == "table2":
             for target in results[0]["config"]["targets"]:
                 for bb in _backbone_order(results):
@@ -615,7 +612,7 @@ def plot_results(results_dir: str | Path, out_dir: str | Path | None = None, man
 
 def _qualitative(results: list[dict], results_dir: Path, out: Path, methods: list[str] | None,
                  backbone: str | None, images: int, say: Say) -> list[Path]:
-    name = _out_name(results)
+    name = output_name(results)
     backbones = _backbone_order(results)
     if backbone is not None and backbone not in backbones:
         say(f"{name}: no {backbone} results; no qualitative figure")

@@ -50,11 +50,10 @@ def _results(lm: LoadedManifest, results: str | Path, only: list[str] | None) ->
     store = ResultStore(results, lm.results_name)
     out = {}
     for cell in select_cells(lm.cells(), only):
-        path = store.path(cell.id)
-        if not path.is_file():
+        r = store.read(cell.id)
+        if r is None:
             raise UserError(f"cell {cell.id} has no result under {store.dir}; run `fishertune run {lm.path}` first")
-        r = json.loads(path.read_text())
-        if r.get("status", "done") != "done":
+        if r["status"] != "done":
             raise UserError(f"cell {cell.id} failed ({r.get('failure', {}).get('reason', 'no reason recorded')}); "
                             "it has no numbers to compare")
         out[cell.id] = r

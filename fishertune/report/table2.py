@@ -202,7 +202,7 @@ def _latex(df: pd.DataFrame, title: str, notes: list[str]) -> str:
 def render_table2(results_dir: str | Path, out_dir: str | Path | None = None, manifest: str | None = None,
                   reference: str | None = None) -> list[Path]:
     """Write ``table2.md`` and ``table2.tex`` where :func:`~fishertune.report.tables.table_dir` puts a table
-    (miniature: ``results/tables/mini/`` unless ``out_dir`` is given). Table 2 is per class: it has no
+    (``results/tables/<results name>/`` unless ``out_dir`` is given). Table 2 is per class: it has no
     comparison column (``reference`` is accepted for a uniform renderer signature and not used)."""
     results = load_table_results(results_dir, "table2", manifest)
     df, notes = table2_frame(results)

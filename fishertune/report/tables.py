@@ -18,6 +18,7 @@ from fishertune.backbones import BACKBONES
 from fishertune.errors import UserError
 from fishertune.report.paper import PAPER_BACKBONE, inconsistent_average, paper_row, paper_table
 from fishertune.report.stats import LEVEL, TEST_NAME, Estimate, estimate, welch
+from fishertune.runner.manifest import results_name
 from fishertune.runner.store import atomic_write_text, iter_results
 
 #: the paper's row order within a backbone block
@@ -110,10 +111,12 @@ def load_table_results(results: str | Path, table: str, manifest: str | None = N
         which = f" from manifest {manifest!r}" if manifest else ""
         raise UserError(f"no finished {table} cells{which} under {results}; run `fishertune run benchmarks/{table}.yaml` first")
     kinds = {(r["manifest"]["name"], r["manifest"]["version"], r["manifest"]["data_kind"],
-              r["manifest"].get("data_subset") or 0, bool(r["manifest"].get("tiny"))) for r in found}
+              r["manifest"].get("data_subset") or 0, bool(r["manifest"].get("tiny")),
+              r["manifest"].get("data_counts", "official")) for r in found}
     if len(kinds) > 1:
-        listed = ", ".join(f"{n} v{v} ({k}{f', subset {sub}' if sub else ''}{', tiny' if tiny else ''})"
-                           for n, v, k, sub, tiny in sorted(kinds))
+        listed = ", ".join(f"{n} v{v} ({k}{f', subset {sub}' if sub else ''}{', tiny' if tiny else ''}"
+                           f"{', any counts' if counts == 'any' else ''})"
+                           for n, v, k, sub, tiny, counts in sorted(kinds))
         raise UserError(f"{results} holds {table} results of several manifests or versions ({listed}); "
                         f"pick one with --manifest NAME or point --results at one manifest's directory")
     return found
@@ -158,17 +161,19 @@ def table1_frame(results: list[dict[str, Any]], reference: str | None = "full") 
     return pd.DataFrame(rows).set_index(["Backbone", "Method"]), notes
 
 
-def table_dir(results: list[dict[str, Any]], out_dir: str | Path | None = None) -> Path:
-    """Where a table of ``results`` goes: ``out_dir`` if given, else ``results/tables/``, with the
-    miniature's tables in ``mini/`` and the tiny override's in ``tiny/`` so that neither can overwrite
-    (or be taken for) a real reproduction."""
-    if out_dir:
-        return Path(out_dir)
+def output_name(results: list[dict[str, Any]]) -> str:
+    """The folder name of these results' tables and plots: their results folder's
+    (:func:`~fishertune.runner.manifest.results_name`: the manifest's name, ``-tiny``, ``-subsetN``,
+    ``-anycount``), so that no two manifests, nor a subset or tiny run and a full one, share a table."""
     man = results[0]["manifest"]
-    out = Path("results") / "tables"
-    if man.get("tiny"):
-        return out / "tiny"
-    return out / "mini" if man["data_kind"] == "miniature" else out
+    return results_name(man["name"], bool(man.get("tiny")), man.get("data_subset"),
+                        man.get("data_counts") == "any")
+
+
+def table_dir(results: list[dict[str, Any]], out_dir: str | Path | None = None) -> Path:
+    """Where a table of ``results`` goes: ``out_dir`` if given, else ``results/tables/<output name>/``
+    (:func:`output_name`), as the plots go to ``results/plots/<output name>/``."""
+    return Path(out_dir) if out_dir else Path("results") / "tables" / output_name(results)
 
 
 def caption(table: str, results: list[dict[str, Any]], reference: str | None = None) -> str:
@@ -189,6 +194,8 @@ def caption(table: str, results: list[dict[str, Any]], reference: str | None = N
     if man.get("data_subset"):
         data += (f"; SUBSET: {man['data_subset']} class-balanced images of the source and of each target "
                  "(not the full sets)")
+    if man.get("data_counts") == "any":
+        data += f"; OTHER COUNTS than the official ones (data.counts: any): {counts_used(r)}"
     titles = {"table1": "GTAV -> Cityscapes, BDD100K, Mapillary; mIoU (%)",
               "table2": f"{_route(r)}; per-class IoU and mIoU (%)",
               "ablation": "parameter selection at the same budget (FisherTune's ablation), "
@@ -204,6 +211,13 @@ def caption(table: str, results: list[dict[str, Any]], reference: str | None = N
                            "trainable backbone parameters"}
     return (f"{name}: {titles.get(table, table)}, {cells.get(table, cells['table1'])}."
             f"{seeds_note(merge_seeds(results), reference)} Data: {data}. Manifest {man['name']} v{man['version']}.")
+
+
+def counts_used(r: dict[str, Any]) -> str:
+    """The images a result trained and was evaluated on, e.g. ``gtav 24 train, cityscapes 12 val, ...``."""
+    used = [f"{r['config']['source']} {r['train']['source_images']} train"] if "train" in r else []
+    used += [f"{t} {v['num_images']} val" for t, v in r["targets"].items()]
+    return ", ".join(used)
 
 
 def _route(r: dict[str, Any]) -> str:
@@ -245,7 +259,7 @@ def to_latex(df: pd.DataFrame, title: str, notes: list[str], label: str) -> str:
 
 def render_table1(results_dir: str | Path, out_dir: str | Path | None = None, manifest: str | None = None,
                   reference: str | None = "full") -> list[Path]:
-    """Write ``table1.md`` and ``table1.tex``; miniature tables go to ``<out>/mini/``."""
+    """Write ``table1.md`` and ``table1.tex`` in :func:`table_dir`."""
     results = load_table_results(results_dir, "table1", manifest)
     df, notes = table1_frame(results, reference)
     title = caption("table1", results, reference if reference in {r["row"] for r in results} else None)
@@ -337,7 +351,7 @@ def grid_frame(results: list[dict[str, Any]], table: str, reference: str | None 
 
 def render_grid(table: str, results_dir: str | Path, out_dir: str | Path | None = None,
                 manifest: str | None = None, reference: str | None = "full") -> list[Path]:
-    """Write ``<table>.md`` and ``.tex`` for the ablation or estimation grid (miniature: ``<out>/mini/``)."""
+    """Write ``<table>.md`` and ``.tex`` for the ablation or estimation grid in :func:`table_dir`."""
     results = load_table_results(results_dir, table, manifest)
     df, notes = grid_frame(results, table, reference)
     present = {r["row"] for r in results}

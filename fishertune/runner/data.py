@@ -74,12 +74,26 @@ def open_datasets(m: Manifest, progress: bool = True):
                             f"there, or point {DATA_ENV} / data.root / data.roots.{name} at it")
     # the same check as `fishertune data verify`, before any training (remembered once passed)
     for name, split in [(m.source, SPLITS[m.source][0]), *((t, SPLITS[t][1]) for t in m.targets)]:
-        preflight(name, roots[name], split, cache_dir(), progress)
+        preflight(name, roots[name], split, cache_dir(), progress, any_count=m.data.counts == "any")
     source = build_dataset(m.source, roots[m.source], SPLITS[m.source][0])
     targets = {t: build_dataset(t, roots[t], SPLITS[t][1]) for t in m.targets}
     if m.data.subset:
         from fishertune.data.subset import class_balanced_subset
 
+        for dataset in (source, *targets.values()):
+            _check_subset(dataset, m.data.subset)
         source = class_balanced_subset(source, m.data.subset, m.seed, cache_dir(), progress)
         targets = {t: class_balanced_subset(d, m.data.subset, m.seed, cache_dir(), progress) for t, d in targets.items()}
     return source, targets
+
+
+def _check_subset(dataset, n: int) -> None:
+    """A subset of ``n`` images must be one: a data set (an ACDC condition) with no more images is refused
+    rather than used whole and labelled a subset."""
+    groups = dataset.scan.groups or [""] * len(dataset)
+    for group in dict.fromkeys(groups):
+        size = groups.count(group)
+        if n >= size:
+            which = f"{dataset.name} {dataset.split}" + (f" {group}" if group else "")
+            raise UserError(f"--subset {n} (data.subset) is not smaller than the {size} images of {which}; drop it "
+                            f"to use every image, or choose fewer than {size}")

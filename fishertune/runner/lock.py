@@ -11,6 +11,7 @@ different machines must not share a results directory.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -35,13 +36,15 @@ class CellLock:
         self._beat: threading.Thread | None = None
 
     def acquire(self) -> bool:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create the lock directory {self.path.parent} ({e.strerror}); pass a writable "
-                            "--results DIR") from None
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the folder was just removed by a runner releasing the last lock
+                continue
+            except OSError as e:
+                raise UserError(f"cannot create the lock file {self.path} ({e.strerror}); pass a writable "
+                                "--results DIR") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -79,6 +82,8 @@ class CellLock:
             self._beat.join()
         try:
             self.path.unlink(missing_ok=True)  # removed while still held: the next taker checks the inode
+            with contextlib.suppress(OSError):  # the folder too once empty (a taker makes it again)
+                self.path.parent.rmdir()
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)

@@ -26,25 +26,36 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fishertune.data.synth import VERSION as SYNTH_VERSION
 from fishertune.errors import UserError
 
-Pair = Annotated[list[int], Field(min_length=2, max_length=2)]
+Pair = Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=2, max_length=2)]
+#: a seed: what numpy, torch and Python's random all accept
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 DATASET_NAMES = ("gtav", "cityscapes", "bdd100k", "mapillary", "acdc")
+TARGET_NAMES = tuple(n for n in DATASET_NAMES if n != "gtav")
+#: the tables a manifest can fill (``fishertune.report.tables.RENDERERS`` renders each)
+TABLES = ("table1", "table2", "ablation", "estimation")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    """Unknown keys, wrong types and non-finite numbers (``.inf``, ``.nan``) are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(Strict):
     kind: Literal["real", "miniature"] = Field(description="real data on disk, or the generated miniature")
     root: str | None = Field(None, description="directory holding one folder per data set (default $FISHERTUNE_DATA)")
     roots: dict[str, str] = Field(default_factory=dict, description="per-data-set directories, overriding root")
-    synth_seed: int = Field(0, description="miniature: seed of the scene generator")
+    synth_seed: Seed = Field(0, description="miniature: seed of the scene generator")
     synth_images: int = Field(12, ge=2, description="miniature: images per evaluation split (per ACDC condition)")
     synth_train_images: int | None = Field(None, ge=2, description="miniature: images of each training source "
                                            "(GTAV, Cityscapes train); null: twice synth_images")
     subset: int | None = Field(None, gt=0, description="use a deterministic, class-balanced subset of this many "
                                "images of the source and of each target (per ACDC condition); null: all. "
                                "Results and tables say so")
+    counts: Literal["official", "any"] = Field(
+        "official", description="real data: official (each data set's pairs must number as in its official "
+        "release) or any (any number, e.g. part of a data set or a test tree in the official layout; results go "
+        "to <name>-anycount/ and tables name the counts used)")
 
     @field_validator("roots")
     @classmethod
@@ -79,11 +90,38 @@ class TrainConfig(Strict):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32 (Rein) or bf16 autocast of forward "
                                                "and loss, in training and evaluation (weights and optimizer fp32)")
 
+    @model_validator(mode="after")
+    def _sizes(self) -> "TrainConfig":
+        low, high = self.short_edge_range
+        if low > high:
+            raise ValueError(f"short_edge_range: [{low}, {high}] is inverted; write it as [min, max]")
+        if self.max_long_edge < self.crop_size:
+            raise ValueError(f"max_long_edge: {self.max_long_edge} is below crop_size {self.crop_size}; an image "
+                             f"capped so cannot fill a crop: raise max_long_edge or lower crop_size")
+        return self
+
 
 class EvalConfig(Strict):
     crop_size: int = Field(gt=0, description="sliding-window size (512)")
     stride: int = Field(gt=0, description="sliding-window stride (341)")
     test_sizes: dict[str, Pair] = Field(description="per target: [long, short] bound of the ratio-keeping resize")
+
+    @field_validator("test_sizes")
+    @classmethod
+    def _known_targets(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
+        for name in v:
+            if name not in TARGET_NAMES:
+                close = difflib.get_close_matches(name, TARGET_NAMES, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"unknown target {name!r}; {hint}targets are {', '.join(TARGET_NAMES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _covered(self) -> "EvalConfig":
+        if self.stride > self.crop_size:
+            raise ValueError(f"stride: {self.stride} is larger than crop_size {self.crop_size}, so columns and rows "
+                             f"between windows would never be predicted; use a stride of at most {self.crop_size}")
+        return self
 
 
 class SlurmConfig(Strict):
@@ -135,8 +173,10 @@ class MethodEntry(Strict):
 
 class Manifest(Strict):
     version: int = Field(ge=1, description="manifest version; tables refuse to mix versions")
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="results go to <results>/<name>/")
-    table: str = Field(description="the table this grid fills: table1, table2, ablation, estimation")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100,
+                      description="results go to <results>/<name>/, tables to results/tables/<name>/: letters, "
+                                  "digits, '_', '.', '-', starting with a letter or digit")
+    table: Literal[TABLES] = Field(description="the table this grid fills: table1, table2, ablation, estimation")
     description: str = ""
     data: DataConfig
     weights: dict[str, str] = Field(default_factory=dict)
@@ -147,9 +187,9 @@ class Manifest(Strict):
     source: str
     targets: list[str] = Field(min_length=1)
     aggregate: Literal["mean_over_targets"] = "mean_over_targets"
-    seed: int = Field(description="the seed of a one-seed manifest (Rein: 42); with `seeds`, their first")
-    seeds: list[int] | None = Field(None, min_length=1, description="several seeds: each is a cell of its own, "
-                                    "tables show mean +- std over them; the first's cells keep a one-seed run's ids")
+    seed: Seed = Field(description="the seed of a one-seed manifest (Rein: 42); with `seeds`, their first")
+    seeds: list[Seed] | None = Field(None, min_length=1, description="several seeds: each is a cell of its own, "
+                                     "tables show mean +- std over them; the first's cells keep a one-seed run's ids")
     head: HeadConfig
     train: TrainConfig
     eval: EvalConfig
@@ -166,8 +206,11 @@ class Manifest(Strict):
     @classmethod
     def _targets(cls, v: list[str]) -> list[str]:
         for name in v:
-            if name not in DATASET_NAMES or name == "gtav":
-                raise ValueError(f"unknown target {name!r}; targets are cityscapes, bdd100k, mapillary, acdc")
+            if name not in TARGET_NAMES:
+                raise ValueError(f"unknown target {name!r}; targets are {', '.join(TARGET_NAMES)}")
+        if len(set(v)) < len(v):
+            twice = next(n for n in v if v.count(n) > 1)
+            raise ValueError(f"{twice!r} is listed twice; name each target once")
         return v
 
     @field_validator("seeds")
@@ -198,15 +241,43 @@ class Manifest(Strict):
 # reading
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key that appears twice in one mapping (YAML would keep the last
+    silently, changing the manifest and its cell ids without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}  # key -> the line it was first seen at
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first
+                except TypeError:  # an unhashable key; the base class says so
+                    continue
+                if seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first[key] + 1}); YAML would keep only "
+                        "the last one: merge the two", key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: manifest not found; check the path (manifests live under benchmarks/)") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a manifest; give the path of a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start} cannot be decoded); save the manifest as "
+                        "UTF-8") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read manifest ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -266,7 +337,10 @@ def _explain(err: dict[str, Any]) -> str:
                 f"put the value in quotes")
     if isinstance(value, str) and value.lower() in _BOOLISH and kind == "bool_type":
         return f"{field}: expected true or false, got the string {value!r}"
-    return f"{field}: {err['msg']} (got {value!r})" if not isinstance(value, (dict, list)) else f"{field}: {err['msg']}"
+    msg = str(err["ctx"]["error"]) if kind == "value_error" and "error" in err.get("ctx", {}) else err["msg"]
+    if kind == "value_error" and not loc:  # a check across fields: its message names them
+        return msg
+    return f"{field}: {msg} (got {value!r})" if not isinstance(value, (dict, list)) else f"{field}: {msg}"
 
 
 #: the miniature's protocol, which ``tiny`` lays over a manifest: the clone's copy, else the working directory's
@@ -378,6 +452,29 @@ class Cell:
         return self.config["seed"]
 
 
+def results_name(name: str, tiny: bool = False, subset: int | None = None, any_count: bool = False) -> str:
+    """The folder of a manifest's results, tables and plots: its name, plus ``-tiny`` under the tiny override,
+    ``-subset<N>`` for a subset run and ``-anycount`` for data with other than the official counts, so that
+    such runs never sit beside (or get tabled with) full runs."""
+    return (name + ("-tiny" if tiny else "") + (f"-subset{subset}" if subset else "")
+            + ("-anycount" if any_count else ""))
+
+
+def _patch_size(backbone: str, crop: int, where: str) -> int:
+    """The patch size of ``backbone`` built for ``crop`` (on the meta device: no weights, no memory)."""
+    import torch
+
+    from fishertune.backbones import BACKBONES
+
+    try:
+        with torch.device("meta"):
+            return int(BACKBONES.get(backbone).fn(img_size=crop).patch_size)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise UserError(f"{where}: train.crop_size: {backbone} cannot be built for {crop}x{crop} crops "
+                        f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); use a larger "
+                        "crop") from None
+
+
 @dataclass(frozen=True)
 class LoadedManifest:
     path: Path
@@ -386,11 +483,9 @@ class LoadedManifest:
 
     @property
     def results_name(self) -> str:
-        """The folder of this manifest's results: its name, plus ``-tiny`` under the tiny override and
-        ``-subset<N>`` for a subset run, so that such runs never sit beside (or get tabled with) full runs."""
+        """The folder of this manifest's results (:func:`results_name`)."""
         m = self.manifest
-        name = f"{m.name}-tiny" if self.tiny else m.name
-        return f"{name}-subset{m.data.subset}" if m.data.subset else name
+        return results_name(m.name, self.tiny, m.data.subset, m.data.counts == "any")
 
     def cells(self) -> list[Cell]:
         """Expand backbones x methods x seeds to cells (in that order), validating every name and method config."""
@@ -400,10 +495,17 @@ class LoadedManifest:
 
         m = self.manifest
         check_head(m.head.name, m.head.config, f"{self.path}: head")
+        for name, delta in m.method_configs.items():  # every entry, also of methods this grid does not run
+            build_method(name, delta, f"{self.path}: method_configs")
         cells = []
         seen = set()
         for backbone in m.backbones:
             BACKBONES.get(backbone, f"{self.path}: backbones")
+            patch = _patch_size(backbone, m.train.crop_size, str(self.path))
+            for field, crop in (("train.crop_size", m.train.crop_size), ("eval.crop_size", m.eval.crop_size)):
+                if crop % patch or crop < 2 * patch:  # the features' coarsest level is half the patch grid
+                    raise UserError(f"{self.path}: {field}: {crop} is not a multiple of {backbone}'s patch size "
+                                    f"{patch} of at least two patches; use e.g. {max(2 * patch, crop // patch * patch)}")
             for entry in m.method_entries():
                 where = f"{self.path}: methods: {entry.row}"
                 delta = {**m.method_configs.get(entry.name, {}), **entry.config}

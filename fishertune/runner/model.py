@@ -48,7 +48,7 @@ from fishertune.data import NUM_CLASSES
 from fishertune.errors import UserError
 from fishertune.heads import build_head
 from fishertune.runner.data import cache_dir
-from fishertune.runner.store import MODEL_CARD, atomic_write, atomic_write_text, iter_results
+from fishertune.runner.store import MODEL_CARD, atomic_write, atomic_write_text, iter_results, read_result
 from fishertune.segmentor import Segmentor
 from fishertune.tuning import MethodContext, TuningMethod, build_method
 
@@ -343,10 +343,7 @@ def find_result(spec: str, results: str | os.PathLike) -> tuple[Path, dict[str, 
     matching one cell) under ``results``."""
     path = Path(spec)
     if path.is_file():
-        try:
-            return path, json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not a result file ({e})") from None
+        return path, read_result(path)
     hits = [(p, r) for p, r in iter_results(results) if fnmatch.fnmatch(str(r.get("cell_id")), spec)]
     if not hits:
         raise UserError(f"{spec}: no such result file, and no cell id under {results} matches it; give the path "

@@ -60,7 +60,7 @@ def _data_problems(lm: LoadedManifest, progress: bool) -> list[str]:
             if not root.is_dir():
                 raise UserError(f"{name} is expected at {root}, which is not a directory; unpack the official "
                                 f"download there (see `fishertune data prepare --help`)")
-            preflight(name, root, split, cache_dir(), progress)
+            preflight(name, root, split, cache_dir(), progress, any_count=m.data.counts == "any")
         except UserError as e:
             problems.append(f"data: {e}")
     return problems

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import resource
+import shutil
 import sys
 import time
 import warnings
@@ -80,7 +81,7 @@ def save_predictions(result_path: Path, target: str, dataset, kept: list[tuple[i
     ``<cell id>.pred/<target>-<index>.png`` beside the result JSON ``result_path``; return the records
     of the result's ``predictions`` entry (image and label as read, the reader that reads them, and the
     PNG's path relative to the result's directory)."""
-    folder = f"{result_path.stem}.pred"
+    folder = ResultStore.predictions_name(result_path.stem)
     records = []
     for index, pred in kept:
         rel = f"{folder}/{target}-{index}.png"
@@ -210,7 +211,7 @@ def _identity(lm: LoadedManifest, cell: Cell, status: str) -> dict[str, Any]:
         "cell_id": cell.id,
         "manifest": {"path": str(lm.path), "name": m.name, "version": m.version, "table": m.table,
                      "data_kind": m.data.kind, "data_subset": m.data.subset, "data_generated": generated(m),
-                     "tiny": lm.tiny},
+                     "data_counts": m.data.counts, "tiny": lm.tiny},
         "backbone": cell.backbone,
         "method": cell.method,
         "row": cell.row,
@@ -342,12 +343,18 @@ def run_manifest(lm: LoadedManifest, results: str, only: list[str] | None = None
                 checkpoint = Checkpoint(store.checkpoint_path(cell.id), m.execution.checkpoint_every)
                 started = time.perf_counter()
                 try:
-                    result = run_cell(lm, cell, source, targets, dev, result_path=store.path(cell.id),
-                                      checkpoint=checkpoint)
-                except NonFiniteLoss as e:
-                    result = failed_record(lm, cell, e, dev, started)
+                    try:
+                        result = run_cell(lm, cell, source, targets, dev, result_path=store.path(cell.id),
+                                          checkpoint=checkpoint)
+                    except NonFiniteLoss as e:
+                        result = failed_record(lm, cell, e, dev, started)
+                    if rank == 0:
+                        store.write(cell.id, result)
+                except BaseException:  # no result written: none of its predictions stay either
+                    if rank == 0:
+                        shutil.rmtree(store.predictions_dir(cell.id), ignore_errors=True)
+                    raise
                 if rank == 0:
-                    store.write(cell.id, result)
                     checkpoint.remove()
                 outcome.append((cell, result["status"] if result else "done"))
             finally:
