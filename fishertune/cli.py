@@ -8,6 +8,9 @@
     fishertune regression check|update MANIFEST... [--run]
     fishertune params [--format md|json]   trainable parameters per backbone x method, beside the paper's
     fishertune cost MANIFEST           FLOPs, memory and GPU hours of each full-size cell, on paper
+    fishertune export CELL_OR_RESULT --out DIR     a finished cell's kept model as a standalone package
+    fishertune predict MODEL IMAGE_OR_DIR... --out DIR   its predictions on any image
+    fishertune report [--results DIR] [--out DIR]  one self-contained HTML page per results folder
 
 User errors (bad manifest, missing data or weights, bad labels) print one line on stderr and exit 2.
 """
@@ -294,6 +297,31 @@ def _cmd_params(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}")
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fishertune.runner.model import export_model
+
+    print(f"wrote {export_model(args.cell, args.results, args.out)}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from fishertune.runner.predict import predict_images
+
+    written = predict_images(args.model, args.images, args.out, weights=args.weights, target=args.target,
+                             test_size=tuple(args.test_size) if args.test_size else None, device=args.device,
+                             alpha=args.alpha)
+    print(f"wrote {len(written)} files ({len(written) // 3} images) under {args.out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fishertune.report.html import write_reports
+
+    for path in write_reports(args.results, args.out):
+        print(f"wrote {path}")
     return 0
 
 
@@ -614,6 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "  miou-vs-params              mIoU (mean over targets) against trainable backbone parameters,\n"
                     "                              one panel per backbone, the paper's points hollow (any table)\n"
                     "  per-class-TARGET-BACKBONE   per-class IoU bars, ours vs the paper's (Table 2 results only)\n"
+                    "  training-loss               every cell's training loss against the iteration, one panel per\n"
+                    "                              backbone, log scale: divergence or a flat loss at a glance\n"
                     "  qualitative-BACKBONE-TARGET input, ground truth and predictions in the Cityscapes palette\n"
                     "                              (the paper's Figure 2; from the predictions `fishertune run` saves\n"
                     "                              beside each result; older cells are listed with how to rerun them)\n"
@@ -632,6 +662,62 @@ def build_parser() -> argparse.ArgumentParser:
                       help="qualitative figure: images per target, the first N of the evaluation set (at most "
                            "the number saved at run time, 3) (default: %(default)s)")
     plot.set_defaults(func=_cmd_plot)
+
+    export = sub.add_parser(
+        "export", help="a finished cell's kept model as a standalone package (for predict, or to share)",
+        description="Copy the model a finished cell kept (<cell id>.model/ beside its result: what trained "
+                    "plus the decode head as model.safetensors, sparse methods' chosen elements as indices and "
+                    "values against the pretrained weights, and card.json) into a new directory, with a "
+                    "README.md saying what it is, which pretrained file it needs (name, size, sha256) and how "
+                    "to run it. The kept file is checked against the result's sha256 first.")
+    export.add_argument("cell", metavar="CELL_OR_RESULT",
+                        help="a result JSON (RESULTS/<results name>/<cell id>.json) or a cell id, or a glob "
+                             "matching one cell, searched under --results")
+    export.add_argument("--out", required=True, metavar="DIR", help="the package's directory (new or empty)")
+    export.add_argument("--results", default=DEFAULT_RESULTS, metavar="DIR",
+                        help="where to look for a cell id (default: %(default)s)")
+    export.set_defaults(func=_cmd_export)
+
+    pred = sub.add_parser(
+        "predict", help="predict train ids on any image with a kept or exported model",
+        description="Rebuild a kept or exported model (the pretrained backbone from its official file plus "
+                    "the kept state; a file whose size or sha256 differs from the one it was trained on is "
+                    "refused) and predict each image as the cell evaluated: resized keeping its ratio to a "
+                    "target's test size, sliding window with the cell's crop and stride, logits at the image's "
+                    "own size. Writes per image NAME_trainid.png (train ids 0..18), NAME_color.png (Cityscapes "
+                    "palette) and NAME_overlay.png under --out (a directory's images keep their relative paths).")
+    pred.add_argument("model", metavar="MODEL", help="a `fishertune export` package or a cell's <cell id>.model "
+                      "directory")
+    pred.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="images, or directories searched "
+                      "recursively for .png, .jpg, .jpeg, .bmp, .tif, .tiff and .webp files")
+    pred.add_argument("--out", required=True, metavar="DIR", help="where the PNGs go")
+    pred.add_argument("--weights", metavar="FILE", help="the pretrained backbone file (default: the path the "
+                      "card recorded if it still exists, else $FISHERTUNE_WEIGHTS/<official file name>)")
+    size = pred.add_mutually_exclusive_group()
+    size.add_argument("--target", help="resize images to this evaluation target's test size (default: the cell's "
+                      "first target)")
+    size.add_argument("--test-size", type=int, nargs=2, metavar=("LONG", "SHORT"),
+                      help="resize images, keeping their ratio, to fit these bounds instead")
+    pred.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="where to run (default: %(default)s, a GPU when there is one)")
+    pred.add_argument("--alpha", type=float, default=0.5, help="the colours' weight in the overlay (default: "
+                      "%(default)s)")
+    pred.set_defaults(func=_cmd_predict)
+
+    report = sub.add_parser(
+        "report", help="one self-contained HTML page per results folder, to read in a browser",
+        description="For every results folder under --results (RESULTS/<results name>/, the result JSONs of one "
+                    "manifest), write OUT/<results name>.html: the data kind in a banner; every table of the "
+                    "manifest, sortable (click a header), ours beside the paper with the differences coloured; "
+                    "per-class IoU as a heat map per target (backbone x method x class); every figure of "
+                    "`fishertune plot`, the training-loss curves included; and each cell's provenance (config, "
+                    "commit, versions, device, wall time, peak memory, kept model) one click away. No server and "
+                    "no network: styles, script and figures are inside the page.")
+    report.add_argument("--results", default=DEFAULT_RESULTS, metavar="DIR",
+                        help="a results root or one results folder (default: %(default)s)")
+    report.add_argument("--out", default="results/report", metavar="DIR", help="where the pages go "
+                        "(default: %(default)s)")
+    report.set_defaults(func=_cmd_report)
 
     status = sub.add_parser(
         "status", help="list a manifest's cells as done, running, failed or pending",

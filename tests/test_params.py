@@ -26,7 +26,7 @@ def test_every_full_size_backbone_meets_every_registered_method(rows):
     assert {r["family"] for r in rows} == FAMILIES
     assert {(r["backbone"], r["method"]) for r in rows} == {(b, m) for b in full_size for m in registered_methods()}
     assert all(set(r) == {"backbone", "family", "method", "backbone_trainable", "head_trainable", "backbone_total",
-                          "paper_trainable_m"} for r in rows)
+                          "kept_bytes", "paper_trainable_m"} for r in rows)
 
 
 def test_counts_follow_what_each_method_trains(rows):
@@ -37,6 +37,17 @@ def test_counts_follow_what_each_method_trains(rows):
         if r["method"] == "freeze":
             assert r["backbone_trainable"] == 0
         assert 0 <= r["backbone_trainable"] <= r["backbone_total"]
+
+
+def test_kept_model_size_is_what_trains_plus_the_head_in_float32_and_sparse_elements_with_their_indices(rows):
+    for r in rows:
+        head = 4 * r["head_trainable"]
+        if r["method"] in ("childtune", "fishertune"):  # value + int32 index per chosen element
+            assert r["kept_bytes"] == 8 * r["backbone_trainable"] + head, r
+        else:  # full: the whole backbone; freeze: the head alone
+            assert r["kept_bytes"] == 4 * r["backbone_trainable"] + head, r
+    dinov2 = {r["method"]: r["kept_bytes"] for r in rows if r["backbone"] == "dinov2-l"}
+    assert dinov2["freeze"] < dinov2["lora"] < dinov2["rein"] < dinov2["fishertune"] < dinov2["full"]
 
 
 def test_paper_column_is_the_papers_printed_number_or_null(rows):

@@ -148,6 +148,31 @@ def test_mixed_results_and_unknown_choices_are_refused(tmp_path):
         plot_results(results, tmp_path / "plots", "a", methods=["nosuchrow"])
 
 
+def _has_colour(rgb: np.ndarray, hex_colour: str, tolerance: int = 12) -> bool:
+    target = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+    return bool((np.abs(rgb.astype(int) - target).max(axis=-1) <= tolerance).any())
+
+
+def test_training_loss_figure_draws_every_cell_with_losses_in_its_methods_colour(tmp_path):
+    results = tmp_path / "runs"
+    for bb in ("clip-tiny", "dinov2-tiny"):
+        for m, shape in (("freeze", lambda i: 40 / (1 + i)), ("rein", lambda i: 35.0), ("fishertune", lambda i: 30 * 1.5 ** i)):
+            r = _result("table1", "t1", bb, m, ["cityscapes"], "gtav", PARAMS[m], 9.0)
+            r["train"] = {"losses": [[50 * (i + 1), shape(i)] for i in range(8)]}  # falling, flat, diverging
+            _write(results, r)
+    _write(results, _result("table1", "t1", "dinov2-tiny", "lora", ["cityscapes"], "gtav", PARAMS["lora"], 9.0))
+    written = plot_results(results, tmp_path / "plots", "t1", say=lambda m: None)
+    assert {p.name for p in written} >= {"training-loss.png", "training-loss.pdf"}
+    png = tmp_path / "plots" / "t1" / "training-loss.png"
+    _check_png(png)
+    _check_pdf(png.with_suffix(".pdf"))
+    with Image.open(png) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    for m in ("freeze", "rein", "fishertune"):
+        assert _has_colour(rgb, METHOD_COLOURS[m]), m
+    assert not _has_colour(rgb, METHOD_COLOURS["lora"])  # its result recorded no losses: no curve, no entry
+
+
 def test_method_colours_are_fixed_and_distinct():
     assert colours(["rein", "fishertune"])["rein"] == colours(["fishertune", "rein", "x"])["rein"]
     assert len(set(METHOD_COLOURS.values())) == len(METHOD_COLOURS)

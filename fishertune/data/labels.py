@@ -32,6 +32,16 @@ PALETTE = np.array(
     dtype=np.uint8,
 )
 
+
+def colourize(label: np.ndarray) -> np.ndarray:
+    """``H x W`` train ids -> ``H x W x 3`` uint8 in the Cityscapes palette; 255 (ignore) and any id
+    outside 0..18 black."""
+    lut = np.zeros((256, 3), np.uint8)
+    lut[:NUM_CLASSES] = PALETTE
+    lut[IGNORE_INDEX] = 0
+    return lut[np.asarray(label, dtype=np.uint8)]
+
+
 #: Cityscapes label id of each train id (cityscapesscripts ``labels.py``).
 TRAIN_ID_TO_CITYSCAPES_ID = np.array(
     [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33], dtype=np.uint8

@@ -3,7 +3,8 @@
 Each backbone is built on PyTorch's meta device (shapes without storage, so ViT-H costs no memory and
 no weights file is needed), the decode head of the protocol defaults is put on it, and each method's
 ``apply`` decides what trains. The backbone-side trainable count is the paper's "Trainable Params"
-column, printed beside it.
+column, printed beside it; the last column is the size of the model a finished cell keeps
+(:func:`fishertune.runner.model.kept_bytes`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fishertune.errors import UserError
 from fishertune.heads import build_head
 from fishertune.progress import bar
 from fishertune.report.paper import PAPER_BACKBONE, paper_row
+from fishertune.runner.model import kept_bytes
 from fishertune.segmentor import Segmentor
 from fishertune.tuning import MethodContext, build_method, parameter_counts, registered_methods
 
@@ -73,6 +75,7 @@ def parameter_rows(backbones: list[str] | None = None, methods: list[str] | None
                          "backbone_trainable": counts["backbone_trainable"],
                          "head_trainable": counts["head_trainable"],
                          "backbone_total": counts["backbone_total"],
+                         "kept_bytes": kept_bytes(seg, method),
                          "paper_trainable_m": _paper_trainable_m(family, method_name)})
     return rows
 
@@ -97,6 +100,7 @@ def to_markdown(rows: list[dict], head: str, img_size: int = 512) -> str:
         else f"{round(r['backbone_trainable'] / 1e6 - r['paper_trainable_m'], 2) + 0.0:+.2f}",  # no "-0.00"
         "Trainable head (M)": m(r["head_trainable"]),
         "Backbone total (M)": m(r["backbone_total"]),
+        "Kept model (MB)": f"{r['kept_bytes'] / 1e6:.1f}",
     } for r in rows])
     caption = (
         "# Trainable parameters\n\n"
@@ -105,7 +109,9 @@ def to_markdown(rows: list[dict], head: str, img_size: int = 512) -> str:
         f"with the protocol's `{head}` decode head; a method's count is what its `apply` leaves trainable. "
         "\"Paper\" is the Trainable Params column of the paper's Table 1 (the backbone side only; — where the "
         "paper has no such row). MAE: the paper's row is labelled Huge but its numbers are Rein's MAE ViT-L "
-        "runs; both sizes are listed.\n\n"
+        "runs; both sizes are listed. \"Kept model\" is the tensor data a finished cell keeps "
+        "(`<cell id>.model/model.safetensors`: what trains plus the head, float32; a sparse method's chosen "
+        "elements as value and int32 index, 8 bytes each), in 10^6 bytes.\n\n"
     )
     return caption + table.to_markdown(index=False, disable_numparse=True,
-                                       colalign=("left", "left") + ("right",) * 5) + "\n"
+                                       colalign=("left", "left") + ("right",) * 6) + "\n"

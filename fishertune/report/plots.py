@@ -1,4 +1,4 @@
-"""Figures from result JSONs (issue 8): per-class IoU, mIoU against trainable parameters, predictions.
+"""Figures from result JSONs: per-class IoU, mIoU against trainable parameters, training loss, predictions.
 
 * ``per-class-<target>-<backbone>``: Table 2 results only (the paper gives per-class numbers for
   Cityscapes -> BDD100K, ACDC alone): grouped bars of our per-class IoU, one bar per method, the paper's
@@ -9,6 +9,8 @@
   (symmetric log axis, so that freeze's 0 shows) against the mean mIoU over the targets
   (``aggregate.miou``), a labelled point per row; the paper's points (Table 1, or Table 2's mean over
   its two targets) as hollow markers where the family has paper rows.
+* ``training-loss``: any table's results, one panel per backbone: each cell's training loss (the mean
+  over each logging interval) against the iteration, log y, so that divergence or a flat loss shows.
 * ``qualitative-<backbone>-<target>`` (the paper's Figure 2): input, ground truth and each chosen
   method's prediction for the first images of a target, in the Cityscapes palette (ignore black). It
   needs the predictions that ``fishertune run`` saves beside each result (``predictions`` entry; the
@@ -31,15 +33,15 @@ from typing import Any, Callable
 import numpy as np
 
 from fishertune.backbones import BACKBONES
-from fishertune.data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES, PALETTE
+from fishertune.data.labels import CLASSES, NUM_CLASSES, PALETTE, colourize
 from fishertune.errors import UserError
 from fishertune.report.paper import PAPER_BACKBONE, paper_table
 from fishertune.report.tables import (DATA_KIND, METHOD_ORDER, _route, counts_used, load_table_results,
                                       miniature_counts, output_name)
 from fishertune.runner.store import atomic_write, iter_results
 
-__all__ = ["DEFAULT_METHODS", "colourize", "colours", "plot_results", "plot_per_class", "plot_miou_vs_params",
-           "plot_qualitative", "save_figure"]
+__all__ = ["DEFAULT_METHODS", "colourize", "colours", "data_line", "plot_results", "plot_per_class",
+           "plot_miou_vs_params", "plot_qualitative", "plot_training_loss", "save_figure"]
 
 DPI = 150
 DEFAULT_OUT = Path("results") / "plots"
@@ -63,15 +65,6 @@ def _stderr(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def colourize(label: np.ndarray) -> np.ndarray:
-    """``H x W`` train ids -> ``H x W x 3`` uint8 in the Cityscapes palette; 255 (ignore) and any id
-    outside 0..18 black."""
-    lut = np.zeros((256, 3), np.uint8)
-    lut[:NUM_CLASSES] = PALETTE
-    lut[IGNORE_INDEX] = 0
-    return lut[np.asarray(label, dtype=np.uint8)]
 
 
 def colours(rows) -> dict[str, str]:
@@ -100,7 +93,7 @@ def _row_order(r: dict) -> tuple:
     return (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), r["row"])
 
 
-def _data_line(results: list[dict]) -> str:
+def data_line(results: list[dict]) -> str:
     """What the numbers were measured on, in words; miniature and subset said loudly."""
     r = results[0]
     man = r["manifest"]
@@ -145,7 +138,7 @@ def _figure(width: float, height: float):
 def _title(fig, what: str, results: list[dict], fontsize: float = 10) -> None:
     """The caption-like title: what is drawn, then the data it was measured on; wrapped to the figure."""
     width = int(fig.get_figwidth() * 72 / (fontsize * 0.56))
-    lines = [line for text in (what, _data_line(results))
+    lines = [line for text in (what, data_line(results))
              for line in textwrap.wrap(text, width, break_on_hyphens=False)]
     fig.suptitle("\n".join(lines), fontsize=fontsize)
 
@@ -402,6 +395,49 @@ def plot_miou_vs_params(results: list[dict], stem: Path) -> list[Path]:
     return save_figure(fig, stem)
 
 
+# ---------------------------------------------------------------------------------- training loss
+
+
+def _curve_label(r: dict, rows: list[dict]) -> str:
+    """A cell's legend entry: its row, with its seed when the row has cells of several seeds."""
+    seeds = {x["config"].get("seed") for x in rows if x["row"] == r["row"]}
+    return f"{r['row']} (seed {r['config'].get('seed')})" if len(seeds) > 1 else r["row"]
+
+
+def plot_training_loss(results: list[dict], stem: Path) -> list[Path]:
+    """One panel per backbone: each cell's training loss against the iteration (the mean over each
+    logging interval, as the result records it in ``train.losses``), a line per cell in its method's
+    colour, log y, so that a loss that diverges, stays flat or stalls stands out; nothing when no cell
+    recorded losses."""
+    have = [r for r in results if (r.get("train") or {}).get("losses")]
+    if not have:
+        return []
+    backbones = _backbone_order(have)
+    colour = colours([r["row"] for r in have])
+    ncols = min(len(backbones), 3)
+    nrows = math.ceil(len(backbones) / ncols)
+    fig = _figure(4.8 * ncols + 0.3, 3.6 * nrows + 1.0)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for k, backbone in enumerate(backbones):
+        ax = axes[k // ncols][k % ncols]
+        rows = sorted((r for r in have if r["backbone"] == backbone), key=_row_order)
+        for r in rows:
+            its, losses = zip(*r["train"]["losses"])
+            ax.plot(its, losses, color=colour[r["row"]], linewidth=1.2, marker="." if len(its) < 20 else None,
+                    label=_curve_label(r, rows))
+        ax.set_yscale("log")
+        ax.set_title(backbone, fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.set_ylabel("training loss (log)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, frameon=False, ncols=2 if len(rows) > 5 else 1)
+    for k in range(len(backbones), nrows * ncols):
+        axes[k // ncols][k % ncols].set_visible(False)
+    _title(fig, f"Training loss per cell ({_route(have[0])}; the mean over each logging interval)", results)
+    return save_figure(fig, stem)
+
+
 # ------------------------------------------------------------------------------------- qualitative
 
 
@@ -538,7 +574,8 @@ def plot_results(results_dir: str | Path, out_dir: str | Path | None = None, man
                  say: Say = _stderr) -> list[Path]:
     """Draw every figure the results under ``results_dir`` allow, one folder per manifest:
     ``<out_dir>/<manifest name>/`` (default ``results/plots/<manifest name>/``; ``-subsetN`` appended for a
-    subset run). Per-class bars for Table 2 results; mIoU against parameters for any table; the
+    subset run). Per-class bars for Table 2 results; mIoU against parameters and the training-loss
+    curves for any table; the
     qualitative figure (``methods``, default :data:`DEFAULT_METHODS`, those present; ``backbone``,
     default the first in the paper's order with predictions; ``images`` per target) where predictions
     were saved. Results of several manifests, versions or data kinds in one table are refused
@@ -568,6 +605,7 @@ def plot_results(results_dir: str | Path, out_dir: str | Path | None = None, man
                 for bb in _backbone_order(results):
                     written += plot_per_class(results, target, bb, out / f"per-class-{target}-{bb}")
         written += plot_miou_vs_params(results, out / "miou-vs-params")
+        written += plot_training_loss(results, out / "training-loss")
         written += _qualitative(results, results_dir, out, methods, backbone, images, say)
     return written
 

@@ -407,6 +407,13 @@ def render_table1_paper(out_dir: str | Path | None = None) -> list[Path]:
     return [md, tex]
 
 
+#: each table's data, ``results -> (frame, footnotes)``, as its renderer lays it out (`fishertune report` too)
+FRAMES = {"table1": table1_frame,
+          "ablation": lambda results: grid_frame(results, "ablation"),
+          "estimation": lambda results: grid_frame(results, "estimation"),
+          "table2": lambda results: __import__("fishertune.report.table2", fromlist=["table2_frame"]).table2_frame(
+              results)}
+
 RENDERERS = {"table1": render_table1,
              "ablation": lambda *a, **k: render_grid("ablation", *a, **k),
              "estimation": lambda *a, **k: render_grid("estimation", *a, **k),

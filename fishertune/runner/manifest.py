@@ -155,6 +155,9 @@ class ExecutionConfig(Strict):
                                 "the mini protocol because the count changes CPU results in the last bits")
     jobs: int = Field(1, gt=0, description="cells run at once by the local executor, each in its own process with "
                       "`threads` threads (on a CPU: cores / threads; a cell's numbers do not depend on it)")
+    keep_model: bool = Field(True, description="keep each finished cell's trained model beside its result "
+                             "(<cell id>.model/: what trained plus the head, as safetensors, and a card) for "
+                             "`fishertune export` and `fishertune predict`; false: keep only the result")
     slurm: SlurmConfig = Field(SlurmConfig(), description="resources of each cell's job under --executor slurm")
 
 

@@ -19,23 +19,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fishertune.backbones import BACKBONES, build_backbone
-from fishertune.backbones.registry import weights_path
-from fishertune.data import CLASSES, NUM_CLASSES, TrainTransform
+from fishertune.data import CLASSES, TrainTransform
 from fishertune.engine.evaluate import evaluate
 from fishertune.engine.checkpoint import Checkpoint
 from fishertune.engine.train import NonFiniteLoss, source_batches, train, world
 from fishertune.errors import UserError
-from fishertune.heads import build_head
 from fishertune.progress import bar, enabled
 from fishertune.runner.data import cache_dir, generated, open_datasets
 from fishertune.runner.environment import (agree, barrier, cpu_threads, device_name, git_state, init_distributed,
                                            package_versions, resolve_device)
 from fishertune.runner.lock import CellLock
 from fishertune.runner.manifest import Cell, LoadedManifest
+from fishertune.runner.model import (MODEL_FORMAT, MODEL_VERSION, build_segmentor, model_dir, pretrained_file,
+                                     pretrained_record, save_model)
 from fishertune.runner.store import ResultStore, atomic_write
-from fishertune.segmentor import Segmentor
-from fishertune.tuning import MethodContext, build_method, parameter_counts
+from fishertune.tuning import MethodContext, parameter_counts
 
 RESULT_SCHEMA = 1
 #: evaluation images per target whose predicted train-id map is saved beside the result (qualitative plot)
@@ -100,8 +98,7 @@ def model_identity(lm: LoadedManifest, cell: Cell, source) -> dict[str, Any]:
     augmentation, the batch size. Weights files are identified by path, size and modification time."""
     m = lm.manifest
     weights = None
-    spec = BACKBONES.get(cell.backbone)
-    path = weights_path(spec, m.weights.get(cell.backbone)) if m.pretrained else None
+    path = pretrained_file(cell.config, m.weights.get(cell.backbone))
     if path is not None:
         st = path.stat()
         weights = {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -112,33 +109,29 @@ def model_identity(lm: LoadedManifest, cell: Cell, source) -> dict[str, Any]:
             "source_data": repr(source), "source_images": len(source)}
 
 
-def prepare_cell(lm: LoadedManifest, cell: Cell, source, device: torch.device):
-    """Build the cell's segmentor and apply its method: ``(segmentor, method, ctx, transform)``, ready for
-    ``method.before_training(segmentor, ctx)``. The head is built right after the backbone from the
-    cell's seed, so a cell's model before training depends on its config alone."""
+def prepare_cell(lm: LoadedManifest, cell: Cell, source, device: torch.device, digest: bool = False):
+    """Build the cell's segmentor and apply its method (:func:`~fishertune.runner.model.build_segmentor`):
+    ``(segmentor, method, ctx, transform, built)``, ready for ``method.before_training(segmentor, ctx)``;
+    ``built`` is the digest of the backbone as built when ``digest`` is asked for (a kept model records
+    it), else None."""
     m = lm.manifest
-    backbone = build_backbone(cell.backbone, weights=m.weights.get(cell.backbone), pretrained=m.pretrained,
-                              seed=cell.seed, where=f"{lm.path}: backbones", img_size=m.train.crop_size)
-    torch.manual_seed(cell.seed)
-    head = build_head(m.head.name, backbone.embed_dim, NUM_CLASSES, where=f"{lm.path}: head", **m.head.config)
-    segmentor = Segmentor(backbone, head).to(device)
-    method = build_method(cell.method, cell.method_config, f"{lm.path}: methods")
     transform = TrainTransform(crop_size=m.train.crop_size, short_edge_range=tuple(m.train.short_edge_range),
                                max_long_edge=m.train.max_long_edge, cat_max_ratio=m.train.cat_max_ratio,
                                flip_prob=m.train.flip_prob, photometric=m.train.photometric)
     ctx = MethodContext(device=device, seed=cell.seed, source_batches=lambda n: source_batches(
         source, transform, cell.seed + 1, m.train.batch_size, m.execution.num_workers, 0, n),
         source_images=len(source), cache_dir=cache_dir(), identity=model_identity(lm, cell, source))
-    method.apply(segmentor, ctx)
-    segmentor.head.requires_grad_(True)
-    return segmentor, method, ctx, transform
+    segmentor, method, built = build_segmentor(cell.config, m.weights.get(cell.backbone), device, ctx,
+                                               where=str(lm.path), digest=digest)
+    return segmentor, method, ctx, transform, built
 
 
 def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torch.device,
              result_path: Path | None = None, checkpoint: Checkpoint | None = None) -> dict[str, Any] | None:
     """Train and evaluate one cell; return its result record (not yet written). With ``result_path`` (where
     the record will be written), the predictions of the first :data:`SAVED_PREDICTIONS` images of each
-    target are saved beside it (:func:`save_predictions`) before the record is returned. With
+    target are saved beside it (:func:`save_predictions`), and, unless ``execution.keep_model`` is false,
+    the trained model (:func:`keep_model`), before the record is returned. With
     ``checkpoint``, training saves its state there and continues from it when it exists. In a
     distributed run every process trains and process 0 alone evaluates; the others return None."""
     m = lm.manifest
@@ -146,7 +139,8 @@ def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torc
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    segmentor, method, ctx, transform = prepare_cell(lm, cell, source, device)
+    keep = bool(result_path) and m.execution.keep_model
+    segmentor, method, ctx, transform, built = prepare_cell(lm, cell, source, device, digest=keep)
     params = parameter_counts(segmentor, method)
     # a Fisher estimate computed or read from the cache leaves torch's stream in different states; training
     # reseeds it (engine.train), so a cell's numbers do not depend on whether an estimate was cached
@@ -170,7 +164,7 @@ def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torc
         if res.groups:
             per_target[name]["groups"] = {g: _target_record(r) for g, r in res.groups.items()}
     aggregate = sum(t["miou"] for t in per_target.values()) / len(per_target)
-    return {
+    record = {
         **_identity(lm, cell, "done"),
         "targets": per_target,
         "predictions": predictions,
@@ -180,6 +174,32 @@ def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torc
                   "source_subset": m.data.subset, "resumed_from": stats.resumed_from},
         **_where(device, started, world()[1]),
     }
+    record["model"] = keep_model(lm, cell, Path(result_path), segmentor, method, built, record) if keep else None
+    return record
+
+
+def keep_model(lm: LoadedManifest, cell: Cell, result_path: Path, segmentor, method, built: str,
+               record: dict[str, Any]) -> dict[str, Any]:
+    """Write the cell's trained model beside its result (:mod:`fishertune.runner.model`) with a card made
+    of the result ``record`` (config, metrics, provenance), where its frozen weights come from and how
+    it evaluated; returns the result's ``model`` entry (the folder relative to the result's, and the
+    kept file's bytes, sha256 and element counts)."""
+    m = lm.manifest
+    folder = model_dir(result_path)
+    path = pretrained_file(cell.config, m.weights.get(cell.backbone))
+    card = {
+        "format": MODEL_FORMAT, "version": MODEL_VERSION,
+        **{k: record[k] for k in ("cell_id", "manifest", "backbone", "method", "row", "config", "seed", "params",
+                                  "aggregate", "git", "versions", "device", "processes", "wall_time_s",
+                                  "peak_memory_mb")},
+        "pretrained": pretrained_record(cell.config, path, built),
+        "metrics": {t: {"miou": rec["miou"], "per_class_iou": rec["per_class_iou"]}
+                    for t, rec in record["targets"].items()},
+        "inference": {"crop_size": m.eval.crop_size, "stride": m.eval.stride, "precision": m.train.precision,
+                      "test_sizes": {t: list(m.eval.test_sizes[t]) for t in m.targets},
+                      "eval_batch": m.execution.eval_batch, "threads": m.execution.threads},
+    }
+    return {"path": folder.name, **save_model(folder, segmentor, method, card)}
 
 
 def _identity(lm: LoadedManifest, cell: Cell, status: str) -> dict[str, Any]:
@@ -242,7 +262,7 @@ def estimate_manifest(lm: LoadedManifest, only: list[str] | None = None, device:
     out = []
     with cpu_threads(m.execution.threads):
         for cell in bar(cells, desc=f"fisher {lm.results_name}", unit="cell", leave=True):
-            segmentor, method, ctx, _ = prepare_cell(lm, cell, source, dev)
+            segmentor, method, ctx, _, _ = prepare_cell(lm, cell, source, dev)
             method.before_training(segmentor, ctx)
             out.append((cell, dict(method.paths)))
     return out

@@ -119,6 +119,10 @@ class ResultStore:
             raise UserError(f"results directory {self.dir} is not writable ({e.strerror}); pass --results DIR") from None
 
 
+#: the card of a kept or exported model (``runner.model.CARD_FILE``): a JSON file that is not a result
+MODEL_CARD = "card.json"
+
+
 #: what every result holds, by status (``fishertune.runner.run``): a file without it is not a result
 RESULT_KEYS = {"done": ("manifest", "config", "targets", "aggregate", "params"), "failed": ("manifest", "failure")}
 
@@ -147,11 +151,12 @@ def read_result(path: Path) -> dict[str, Any]:
 
 
 def iter_results(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Every result JSON under ``root`` (recursively, checked: :func:`read_result`), with its path."""
+    """Every result JSON under ``root`` (recursively, checked: :func:`read_result`), with its path; model
+    cards are not results."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"results directory {root} does not exist; run `fishertune run MANIFEST` first or pass --results DIR")
     for path in sorted(root.rglob("*.json")):
-        if path.name.startswith("."):
+        if path.name.startswith(".") or path.name == MODEL_CARD:
             continue
         yield path, read_result(path)
