@@ -74,9 +74,13 @@ def merge_seeds(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged
 
 
-def seeds_note(merged: list[dict[str, Any]], reference: str | None = None) -> str:
-    """The caption's sentence on seeds and the comparison column (empty for one seed and no comparison)."""
-    counts = sorted({len(r["seeds"]) for r in merged})
+def seeds_note(results: list[dict[str, Any]], reference: str | None = None) -> str:
+    """The caption's sentence on seeds and the comparison column (empty for one seed and no comparison);
+    ``results`` one per seed and row, as read."""
+    rows: dict[tuple[str, str], int] = {}
+    for r in results:
+        rows[(r["backbone"], r["row"])] = rows.get((r["backbone"], r["row"]), 0) + 1
+    counts = sorted(set(rows.values()))
     text = ""
     if counts != [1]:
         n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
@@ -210,7 +214,7 @@ def caption(table: str, results: list[dict[str, Any]], reference: str | None = N
              "estimation": "each cell ours / - (the paper shows this comparison without numbers); our "
                            "trainable backbone parameters"}
     return (f"{name}: {titles.get(table, table)}, {cells.get(table, cells['table1'])}."
-            f"{seeds_note(merge_seeds(results), reference)} Data: {data}. Manifest {man['name']} v{man['version']}.")
+            f"{seeds_note(results, reference)} Data: {data}. Manifest {man['name']} v{man['version']}.")
 
 
 def counts_used(r: dict[str, Any]) -> str:

@@ -40,8 +40,8 @@ class CellLock:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:  # the folder was just removed by a runner releasing the last lock
-                continue
+            except (FileNotFoundError, FileExistsError):  # the folder was just removed by a runner releasing
+                continue  # the last lock (FileExistsError: mkdir saw it made, then gone before its check)
             except OSError as e:
                 raise UserError(f"cannot create the lock file {self.path} ({e.strerror}); pass a writable "
                                 "--results DIR") from None
