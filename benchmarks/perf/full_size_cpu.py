@@ -62,7 +62,7 @@ def one_cell(manifest: Path, cell_id: str) -> dict:
         return time.perf_counter(), time.process_time()
 
     start = clock()
-    segmentor, method, ctx, transform = prepare_cell(lm, cell, source, device)
+    segmentor, method, ctx, transform, _ = prepare_cell(lm, cell, source, device)
     built = clock()
     method.before_training(segmentor, ctx)
     estimated = clock()

@@ -85,7 +85,7 @@ class Cell:
         m = lm.manifest
         self.device, self.precision, self.batch, self.crop = device, precision, m.train.batch_size, m.train.crop_size
         start = time.perf_counter()
-        self.model, self.method, ctx, _ = prepare_cell(lm, cell, source, device)
+        self.model, self.method, ctx, _, _ = prepare_cell(lm, cell, source, device)
         self.build_s = time.perf_counter() - start
         self.method.before_training(self.model, ctx)
         self.model.train()

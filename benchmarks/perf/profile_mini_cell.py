@@ -43,7 +43,7 @@ def step_profile(pattern: str, threads: int, steps: int) -> dict[str, float]:
     m = lm.manifest
     source, targets = open_datasets(m, progress=False)
     device = torch.device("cpu")
-    seg, method, ctx, transform = prepare_cell(lm, cell, source, device)
+    seg, method, ctx, transform, _ = prepare_cell(lm, cell, source, device)
     method.before_training(seg, ctx)
     opt = build_optimizer(seg, lr=m.train.lr, weight_decay=m.train.weight_decay, sparse=method.sparse_indices(seg),
                           scaled=seg.backbone_weights, lr_mult=m.train.backbone_lr_mult)

@@ -20,7 +20,7 @@ from fishertune.data import NUM_CLASSES
 from fishertune.errors import UserError
 from fishertune.heads import build_head
 from fishertune.progress import bar
-from fishertune.report.paper import PAPER_BACKBONE, paper_row
+from fishertune.report.paper import METHOD_ORDER, PAPER_BACKBONE, paper_row
 from fishertune.runner.model import kept_bytes
 from fishertune.segmentor import Segmentor
 from fishertune.tuning import MethodContext, build_method, parameter_counts, registered_methods
@@ -54,8 +54,6 @@ def parameter_rows(backbones: list[str] | None = None, methods: list[str] | None
     head_config = protocol["config"] if head_config is None else head_config
     backbones = backbones or full_size_backbones()
     if not methods:
-        from fishertune.report.tables import METHOD_ORDER
-
         rank = {m: i for i, m in enumerate(METHOD_ORDER)}
         methods = sorted(registered_methods(), key=lambda m: (rank.get(m, len(rank)), m))
     meta = torch.device("meta")

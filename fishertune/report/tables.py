@@ -16,13 +16,13 @@ import pandas as pd
 
 from fishertune.backbones import BACKBONES
 from fishertune.errors import UserError
-from fishertune.report.paper import PAPER_BACKBONE, inconsistent_average, paper_row, paper_table
+from fishertune.report.paper import METHOD_ORDER, PAPER_BACKBONE, inconsistent_average, paper_row, paper_table
+from fishertune.report.params import parameter_rows
 from fishertune.report.stats import LEVEL, TEST_NAME, Estimate, estimate, welch
 from fishertune.runner.manifest import results_name
 from fishertune.runner.store import atomic_write_text, iter_results
 
 #: the paper's row order within a backbone block
-METHOD_ORDER = ("full", "freeze", "lora", "adaptformer", "vpt", "rein", "vqt", "childtune", "fishertune")
 TABLE1_TARGETS = (("cityscapes", "citys", "Citys"), ("bdd100k", "bdd", "BDD"), ("mapillary", "map", "Map"))
 DATA_KIND = {"miniature": "the generated miniature (tiny foundation models pretrained by the suite, synthetic "
                            "scenes; NOT comparable to the paper)",
@@ -372,8 +372,6 @@ PAPER_VARIANT = {"clip-vit-l": "clip-l", "mae-vit-h": "mae-l", "sam-vit-h": "sam
 def table1_paper_frame() -> tuple[pd.DataFrame, list[str]]:
     """Table 1 with no runs: every row of the paper (its numbers, each cell ``not run / paper``) and the
     trainable-parameter counts we measure for the variant of that row (``ours / printed``)."""
-    from fishertune.report.params import parameter_rows
-
     paper = paper_table("table1")
     variants = [PAPER_VARIANT[b] for b in dict.fromkeys(paper.backbone)]
     methods = [m for m in dict.fromkeys(paper.method)]
