@@ -54,8 +54,8 @@ def _load(args: argparse.Namespace):
 
 def _tiny_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true",
-                        help="run the manifest's grid on each backbone family's tiny variant (random weights, no "
-                             "checkpoint needed) with the miniature protocol of benchmarks/mini/protocol.yaml, "
+                        help="run the manifest's grid on each backbone family's tiny variant (the tiny foundation "
+                             "model shipped in the package, no checkpoint needed) with the miniature protocol of benchmarks/mini/protocol.yaml, "
                              "reading the manifest's data: checks the whole pipeline in minutes on a CPU, e.g. "
                              "on a miniature written by `fishertune data synth --out $FISHERTUNE_DATA`; results go "
                              "to RESULTS/<manifest name>-tiny/, tables to results/tables/<manifest name>-tiny/ and "

@@ -192,8 +192,8 @@ def caption(table: str, results: list[dict[str, Any]], reference: str | None = N
     elif man.get("data_generated"):
         data = "generated data sets in the real layouts (written by fishertune data synth; NOT the real data)"
     if man.get("tiny"):
-        data = ("TINY OVERRIDE (--tiny): every backbone replaced by its family's tiny variant with random "
-                "weights, on the miniature protocol; a check of the pipeline, NOT comparable to the paper; "
+        data = ("TINY OVERRIDE (--tiny): every backbone replaced by its family's tiny foundation model "
+                "(pretrained by the suite), on the miniature protocol; a check of the pipeline, NOT comparable to the paper; "
                 f"read from {data}")
     if man.get("data_subset"):
         data += (f"; SUBSET: {man['data_subset']} class-balanced images of the source and of each target "
