@@ -87,3 +87,40 @@ def test_compare_marks_a_shift_beyond_the_noise_and_not_one_within(tmp_path, cap
     assert "(n=1)" in lines[("dinov2-tiny", "full", "cityscapes")]
     assert "with one seed on a side are not tested" in out
     assert main(["compare", str(a), str(a)]) == 0
+
+
+def _stored_result(root, lm, cell, miou: float, road: float, torch_version: str) -> None:
+    """A finished result of ``cell`` under ``root`` as the runner stores it, with the given numbers."""
+    from fishertune.runner.store import ResultStore
+
+    store = ResultStore(root, lm.results_name)
+    targets = {t: {"miou": miou, "per_class_iou": {"road": road}} for t in cell.config["targets"]}
+    record = {"status": "done", "cell_id": cell.id, "manifest": {"name": lm.manifest.name, "version": 1},
+              "config": cell.config, "backbone": cell.backbone, "row": cell.row, "seed": cell.seed,
+              "targets": targets, "aggregate": {"miou": miou}, "params": {}, "device": "cpu (test, 1 threads)",
+              "versions": {"torch": torch_version, "python": "3"}}
+    store.path(cell.id).parent.mkdir(parents=True, exist_ok=True)
+    store.path(cell.id).write_text(json.dumps(record))
+
+
+def test_regression_bands_are_measured_on_the_cells_a_variant_ran(tmp_path, mini_manifest):
+    """An environment variant that ran one seed of a row gives that row's spread; one that ran none of the
+    cells is refused in one line (a band from nothing would be the seeds' spread, silently)."""
+    from fishertune.report import regression
+
+    lm = load_manifest(mini_manifest("bands", "methods: [freeze]\nseeds: [1, 2]\n"))
+    first, second = lm.cells()
+    main, variant, empty = tmp_path / "main", tmp_path / "variant", tmp_path / "empty"
+    _stored_result(main, lm, first, 20.0, 50.0, "2.14")
+    _stored_result(main, lm, second, 21.0, 52.0, "2.14")
+    _stored_result(variant, lm, first, 20.2, 50.0, "2.12")  # seed 1 only, 0.2 mIoU off
+    record = regression.build(lm, main, [variant])
+    assert record["spread_from"] == [{"device": "cpu (test, 1 threads)", "torch": "2.12", "python": "3"}]
+    row = record["rows"]["dinov2-tiny--freeze"]
+    assert row["cells"] == {"1": first.id, "2": second.id}
+    # one deviation d = 0.2 per target: 2 sigma^2 = d^2, pooled with the same prior, so sigma = d / sqrt(2)
+    assert row["targets"]["cityscapes"]["miou"]["sigma"] == pytest.approx(0.2 / np.sqrt(2))
+    assert row["targets"]["cityscapes"]["road"]["sigma"] == pytest.approx(0.0)  # unmoved, hence compared
+    empty.mkdir()
+    with pytest.raises(UserError, match="holds none of the selected cells"):
+        regression.build(lm, main, [empty])

@@ -43,14 +43,18 @@ SCHEMA = 2
 RULE = {"z": 3.5, "floor_miou": 0.3, "floor_class": 1.0, "class_max_sigma": 2.0, "prior_weight": 2.0}
 
 
-def _results(lm: LoadedManifest, results: str | Path, only: list[str] | None) -> dict[str, dict[str, Any]]:
-    """Finished results of the selected cells, by cell id; a missing or failed cell is a user error."""
+def _results(lm: LoadedManifest, results: str | Path, only: list[str] | None,
+             missing_ok: bool = False) -> dict[str, dict[str, Any]]:
+    """Finished results of the selected cells, by cell id; a missing (unless ``missing_ok``: skipped) or
+    failed cell is a user error."""
     from fishertune.runner.run import select_cells
 
     store = ResultStore(results, lm.results_name)
     out = {}
     for cell in select_cells(lm.cells(), only):
         r = store.read(cell.id)
+        if r is None and missing_ok:
+            continue
         if r is None:
             raise UserError(f"cell {cell.id} has no result under {store.dir}; run `fishertune run {lm.path}` first")
         if r["status"] != "done":
@@ -99,11 +103,19 @@ def build(lm: LoadedManifest, results: str | Path, spreads: list[str | Path] = (
     """The stored record of the selected cells of ``results`` with the bands the ``spreads`` give, or, for
     statistics they do not cover, the ``lent`` sigma of another manifest (:func:`pooled_sigma`)."""
     main = _results(lm, results, only)
-    others = [_results(lm, s, only) for s in spreads]
+    # an environment variant may have run a part of the cells (e.g. one seed of each row): the spread is
+    # measured on the cells both ran; a variant sharing none of them is a user error
+    others = [_results(lm, s, only, missing_ok=True) for s in spreads]
+    for folder, other in zip(spreads, others):
+        if not set(other) & set(main):
+            raise UserError(f"{folder} holds none of the selected cells of {lm.manifest.name}; run them there "
+                            f"first (e.g. `fishertune run {lm.path} --results {folder} --threads 2`)")
     # squared deviations per (row, target, statistic), and pooled per kind ("miou" or a class name)
     deviations: dict[tuple[str, str, str], list[float]] = {}
     for other in others:
         for cell_id, r in main.items():
+            if cell_id not in other:
+                continue
             a, b = _statistics(r), _statistics(other[cell_id])
             key_row = f"{r['backbone']}--{r['row']}"
             for target, values in a.items():
