@@ -121,6 +121,10 @@ def test_regression_bands_are_measured_on_the_cells_a_variant_ran(tmp_path, mini
     # one deviation d = 0.2 per target: 2 sigma^2 = d^2, pooled with the same prior, so sigma = d / sqrt(2)
     assert row["targets"]["cityscapes"]["miou"]["sigma"] == pytest.approx(0.2 / np.sqrt(2))
     assert row["targets"]["cityscapes"]["road"]["sigma"] == pytest.approx(0.0)  # unmoved, hence compared
+    # a check of one seed (tox -e regression runs the manifest's one) compares the stored classes too
+    fresh = regression.fresh_record(lm, variant, only=[first.id])
+    assert set(fresh["rows"]["dinov2-tiny--freeze"]["targets"]["cityscapes"]) == {"miou", "road"}
+    assert regression.compare(record, fresh) == []  # 0.2 off, within the band of one seed
     empty.mkdir()
     with pytest.raises(UserError, match="holds none of the selected cells"):
         regression.build(lm, main, [empty])

@@ -153,7 +153,9 @@ def build(lm: LoadedManifest, results: str | Path, spreads: list[str | Path] = (
                     continue
                 s = sigma(row, target, stat, values)
                 is_miou = stat == "miou"
-                if not is_miou and (s is None or s > rule["class_max_sigma"]):
+                # a class without a known spread, or too unstable, is not stored; a fresh record (class_max_sigma
+                # infinite) keeps every class, whatever its seeds, so that each stored one finds its value
+                if not is_miou and math.isfinite(rule["class_max_sigma"]) and (s is None or s > rule["class_max_sigma"]):
                     continue
                 entry[stat] = {"values": {str(r["seed"]): v for r, v in zip(members, values)}, "sigma": s}
             targets[target] = entry

@@ -1,6 +1,6 @@
 """The miniature's own figures as an instrument: results/perf/mini-signal.md.
 
-    python benchmarks/mini/signal.py [--results results/runs] [--other-python /path/to/other-venv/bin/python]
+    python benchmarks/mini/signal_figures.py [--results results/runs] [--other-python /path/to/other-venv/bin/python]
 
 Four figures, each measured by running cells of the mini manifests with the suite's own runner (cells
 already finished are reused, so after the main job this runs only what it adds):
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     main_rows = _results(results, "mini-table1")
     random_rows = _results(results, "mini-signal-random")
     lines = ["# The miniature as an instrument", "",
-             f"Written by `python benchmarks/mini/signal.py` ({time.perf_counter() - started:.0f} s for what it ran "
+             f"Written by `python benchmarks/mini/signal_figures.py` ({time.perf_counter() - started:.0f} s for what it ran "
              f"on top of finished cells), torch {torch.__version__}, {main_rows[0]['device']}.", ""]
 
     lines += ["## 1. Frozen pretrained vs frozen random initialisation (target: ratio >= 2)", "",
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     best = max((r for r in main_rows if r["seed"] == 42), key=lambda r: r["aggregate"]["miou"])
     lines += ["## 2. The best mini Table 1 cell (target: >= 35)", "",
               f"{best['backbone']} {best['row']}: average mIoU {best['aggregate']['miou']:.1f} "
-              f"({', '.join(f'{t} {v['miou']:.1f}' for t, v in best['targets'].items())}).", ""]
+              "(" + ", ".join(f"{t} {v['miou']:.1f}" for t, v in best["targets"].items()) + ").", ""]
 
     lines += ["## 3. Seed spread: standard deviation of the average mIoU over 3 seeds (target: <= 1.0)", "",
               "| cell | seeds 42, 43, 44 | mean | std |", "| --- | --- | --- | --- |"]
