@@ -195,18 +195,20 @@ def mini_cell(device: torch.device, iterations: int | None, results: Path) -> di
     start = time.perf_counter()
     run_manifest(lm, str(results), only=[cell.id], device=device.type, progress=False)
     result = json.loads((results / lm.results_name / f"{cell.id}.json").read_text())
-    stored = json.loads(REGRESSION.read_text())["cells"]
-    cpu = stored.get(cell.id) or next((c for c in stored.values() if (c["backbone"], c["row"]) ==
-                                       (cell.backbone, cell.row)), None)
+    stored = json.loads(REGRESSION.read_text()).get("rows", {})  # regression schema 2: rows of seeds
+    seed = str(cell.seed)
+    cpu = stored.get(f"{cell.backbone}--{cell.row}")
+    cpu = cpu if cpu is not None and seed in cpu["cells"] else None
     out: dict[str, Any] = {"cell": cell.id, "iterations": lm.manifest.train.iterations,
-                           "seconds": round(time.perf_counter() - start, 1), "stored_cell": cpu is not None}
+                           "seconds": round(time.perf_counter() - start, 1), "stored_cell": cpu is not None,
+                           "same_cell_as_stored": cpu is not None and cpu["cells"][seed] == cell.id}
     for target, r in result["targets"].items():
         row = {"miou": round(r["miou"], 2)}
-        if cpu is not None and target in cpu["targets"]:
-            theirs = cpu["targets"][target]
-            row["miou_cpu"] = round(theirs["miou"], 2)
-            diffs = [abs(a - theirs["per_class_iou"][k]) for k, a in r["per_class_iou"].items()
-                     if a is not None and theirs["per_class_iou"].get(k) is not None]
+        theirs = cpu["targets"].get(target) if cpu is not None else None
+        if theirs:
+            row["miou_cpu"] = round(theirs["miou"]["values"][seed], 2)
+            diffs = [abs(a - theirs[k]["values"][seed]) for k, a in r["per_class_iou"].items()
+                     if a is not None and k in theirs and k != "miou"]
             row["max_class_diff"] = round(max(diffs), 2) if diffs else None
         out[target] = row
     return out
