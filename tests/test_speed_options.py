@@ -175,7 +175,7 @@ def _cell_dtypes(tmp_path, mini_manifest, precision: str) -> tuple[dict, dict[st
         assert main(["run", str(manifest), "--results", str(tmp_path / precision), "--no-render"]) == 0
     finally:
         handle.remove()
-    (path,) = (tmp_path / precision).rglob("*.json")
+    (path,) = (tmp_path / precision).glob("*/*.json")  # the result (its kept model's card lies a level deeper)
     result = json.loads(path.read_text())
     result["predictions_read"] = {Path(p["prediction"]).name: np.array(Image.open(path.parent / p["prediction"]))
                                   for preds in result["predictions"].values() for p in preds}
