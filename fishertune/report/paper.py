@@ -16,9 +16,9 @@ from fishertune.errors import UserError
 
 #: where the reference numbers live: the clone this package runs from, else the working directory
 PAPER_DIRS = (Path(__file__).resolve().parents[2] / "results" / "paper", Path("results") / "paper")
-#: our backbone family -> the paper's backbone key
 #: the paper's order of the method rows within a backbone (every table and plot keeps it)
 METHOD_ORDER = ("full", "freeze", "lora", "adaptformer", "vpt", "rein", "vqt", "childtune", "fishertune")
+#: our backbone family -> the paper's backbone key
 PAPER_BACKBONE = {"clip": "clip-vit-l", "mae": "mae-vit-h", "sam": "sam-vit-h", "eva02": "eva02-l", "dinov2": "dinov2-l"}
 #: average printed by the paper that disagrees with the mean of its own three numbers
 TOLERANCE_AVG = 0.06

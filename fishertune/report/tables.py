@@ -22,7 +22,7 @@ from fishertune.report.stats import LEVEL, TEST_NAME, Estimate, estimate, welch
 from fishertune.runner.manifest import results_name
 from fishertune.runner.store import atomic_write_text, iter_results
 
-#: the paper's row order within a backbone block
+#: Table 1's targets: result key, short key, column title
 TABLE1_TARGETS = (("cityscapes", "citys", "Citys"), ("bdd100k", "bdd", "BDD"), ("mapillary", "map", "Map"))
 DATA_KIND = {"miniature": "the generated miniature (tiny foundation models pretrained by the suite, synthetic "
                            "scenes; NOT comparable to the paper)",
