@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", metavar="FAULT", help="only these faults")
     p.add_argument("--parallel", type=int, default=2, help="faults run at once (default: %(default)s)")
     args = p.parse_args(argv)
+    from fishertune.runner.store import atomic_write_text
+
 
     from fishertune.report import regression
     from fishertune.runner.manifest import load_manifest
@@ -182,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| `{f.name}` | {f.what} | {', '.join(f'`{c}`' for c in f.cells)} | "
                      f"{'yes' if hit else 'no'} | {n} | {'<br>'.join(top) if top else '-'} |")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    atomic_write_text(out, "\n".join(lines) + "\n")  # the runner's writer: a killed run leaves the old report
     print(f"wrote {out}: {flagged} of {len(rows)} planted faults flagged")
     return 0
 

@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--other-python", help="python of a second venv with another torch minor version")
     p.add_argument("--out", default=str(ROOT / "results" / "perf" / "mini-signal.md"))
     args = p.parse_args(argv)
+    from fishertune.runner.store import atomic_write_text
+
     started = time.perf_counter()
     results = Path(args.results)
     here = sys.executable
@@ -134,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if other is None:
         lines.append("Another torch minor version: not measured in this run (give --other-python).")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    atomic_write_text(out, "\n".join(lines) + "\n")  # the runner's writer: a killed run leaves the old report
     print(f"wrote {out}")
     return 0
 
