@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "results" / "perf" / "mini-faults.md"), help="report (Markdown)")
     p.add_argument("--only", nargs="+", metavar="FAULT", help="only these faults")
     p.add_argument("--parallel", type=int, default=2, help="faults run at once (default: %(default)s)")
+    p.add_argument("--reuse", metavar="DIR", help="check the fault runs an earlier call left in DIR (its "
+                   "faults-*/ folder) against the stored bands again, without running them")
     args = p.parse_args(argv)
     from fishertune.runner.store import atomic_write_text
 
@@ -148,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     stored = json.loads(Path(args.stored).read_text())
     seeds = max(len(r["cells"]) for r in stored["rows"].values())
     faults = [f for f in FAULTS if not args.only or f.name in args.only]
-    work = Path(tempfile.mkdtemp(prefix="faults-"))
+    work = Path(args.reuse) if args.reuse else Path(tempfile.mkdtemp(prefix="faults-"))
     rows, started = [], time.perf_counter()
-    pending = list(faults)
+    pending = [] if args.reuse else list(faults)
     running: list[tuple[Fault, subprocess.Popen, float]] = []
-    finished: dict[str, float] = {}
+    finished: dict[str, float] = {f.name: float("nan") for f in faults} if args.reuse else {}
     while pending or running:
         while pending and len(running) < args.parallel:
             f = pending.pop(0)
@@ -177,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Planted faults: what the regression check flags ({flagged} of {len(rows)})", "",
              f"Written by `python benchmarks/mini/faults.py` against `{Path(args.stored).relative_to(ROOT)}` "
              f"({seeds} seeds per cell, the stored bands; made with {stored['made_with']['device']}, torch "
-             f"{stored['made_with']['torch']}); {time.perf_counter() - started:.0f} s in all.", "",
+             f"{stored['made_with']['torch']}, bands from {len(stored['spread_from'])} environment variants); "
+             + (f"runs reused from {work}, re-checked." if args.reuse else f"{time.perf_counter() - started:.0f} s in all."), "",
              "| fault | what | cells | flagged | statistics beyond their band | largest moves |",
              "| --- | --- | --- | --- | --- | --- |"]
     for f, hit, n, top, _ in rows:
