@@ -89,6 +89,37 @@ def test_compare_marks_a_shift_beyond_the_noise_and_not_one_within(tmp_path, cap
     assert main(["compare", str(a), str(a)]) == 0
 
 
+def test_a_row_whose_config_changed_averages_only_its_newest_configuration(tmp_path, capsys):
+    """Cells of one row made before and after a method's config changed (other cell ids, same row) are two
+    experiments: tables and compare keep the newest configuration's seeds and say what they left out."""
+    import os
+
+    from fishertune.report.compare import grouped
+    from fishertune.report.tables import latest_configs
+    from fishertune.runner.store import iter_results
+
+    root = tmp_path / "runs"
+    for seed in (42, 43):
+        _result(root, "m", "sam-tiny", "vpt", seed, {"cityscapes": 10.0})
+    for path in (root / "m").glob("*.json"):  # the old configuration, written an hour earlier
+        os.utime(path, (path.stat().st_mtime - 3600,) * 2)
+    new = json.loads((root / "m" / "sam-tiny--vpt--42.json").read_text())
+    new.update(cell_id="sam-tiny--vpt--new42", config={"seed": 42, "method_config": {"prompts": 10}})
+    new["targets"]["cityscapes"]["miou"] = 30.0
+    (root / "m" / "sam-tiny--vpt--new42.json").write_text(json.dumps(new))
+    kept = latest_configs(list(iter_results(root)))
+    assert [r["cell_id"] for r in kept] == ["sam-tiny--vpt--new42"]
+    err = capsys.readouterr().err
+    assert "m sam-tiny vpt: left out 2 older result(s) of another configuration" in err
+    assert "sam-tiny--vpt--42" in err and "sam-tiny--vpt--43" in err
+    assert [r["seed"] for r in grouped(root)[("m", "sam-tiny", "vpt")]] == [42]
+    assert "left out 2 older" in capsys.readouterr().err
+    unchanged = tmp_path / "unchanged"
+    for seed in (42, 43):
+        _result(unchanged, "m", "sam-tiny", "vpt", seed, {"cityscapes": 10.0})
+    assert len(latest_configs(list(iter_results(unchanged)))) == 2 and not capsys.readouterr().err
+
+
 def _stored_result(root, lm, cell, miou: float, road: float, torch_version: str) -> None:
     """A finished result of ``cell`` under ``root`` as the runner stores it, with the given numbers."""
     from fishertune.runner.store import ResultStore

@@ -15,19 +15,20 @@ from typing import Any
 
 from fishertune.errors import UserError
 from fishertune.report.stats import LEVEL, TEST_NAME, estimate, welch
+from fishertune.report.tables import latest_configs
 from fishertune.runner.store import iter_results
 
 Key = tuple[str, str, str]  # manifest name, backbone, row
 
 
 def grouped(results: str | Path, manifest: str | None = None) -> dict[Key, list[dict[str, Any]]]:
-    """Finished results under ``results`` grouped by (manifest name, backbone, row): one list of seeds each."""
+    """Finished results under ``results`` grouped by (manifest name, backbone, row): one list of seeds each,
+    of one configuration (the newest: :func:`~fishertune.report.tables.latest_configs`)."""
     out: dict[Key, list[dict[str, Any]]] = {}
-    for _, r in iter_results(results):
-        if r.get("status", "done") != "done" or "manifest" not in r:
-            continue
-        if manifest is not None and r["manifest"]["name"] != manifest:
-            continue
+    found = [(path, r) for path, r in iter_results(results)
+             if r.get("status", "done") == "done" and "manifest" in r
+             and (manifest is None or r["manifest"]["name"] == manifest)]
+    for r in latest_configs(found):
         out.setdefault((r["manifest"]["name"], r["backbone"], r["row"]), []).append(r)
     return out
 

@@ -9,6 +9,8 @@ of different manifest versions or data kinds are never mixed in one table.
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +108,39 @@ def compare_to_reference(merged: list[dict[str, Any]], reference: str) -> dict[t
     return out
 
 
+def _config_key(r: dict[str, Any]) -> str:
+    """A result's cell configuration without its seed: the seeds of one row share it."""
+    return json.dumps({k: v for k, v in r.get("config", {}).items() if k != "seed"}, sort_keys=True, default=str)
+
+
+def latest_configs(found: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per grid row (manifest, backbone, row), the results of the configuration whose newest file is the
+    newest: a method's config or the protocol changed since older cells of that row ran (other cell ids,
+    same row), and averaging them over "seeds" would mix two experiments. What is left out is said on
+    stderr, one line per row."""
+    rows: dict[tuple, dict[str, list[tuple[float, dict[str, Any]]]]] = {}
+    for path, r in found:
+        key = (r["manifest"]["name"], r["backbone"], r["row"])
+        rows.setdefault(key, {}).setdefault(_config_key(r), []).append((path.stat().st_mtime, r))
+    kept = []
+    for (name, backbone, row), configs in rows.items():
+        ordered = sorted(configs.values(), key=lambda members: max(t for t, _ in members))
+        kept += [r for _, r in ordered[-1]]
+        stale = [r["cell_id"] for members in ordered[:-1] for _, r in members]
+        if stale:
+            print(f"{name} {backbone} {row}: left out {len(stale)} older result(s) of another configuration "
+                  f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}); delete them, or keep each "
+                  f"configuration's runs under its own --results", file=sys.stderr)
+    return kept
+
+
 def load_table_results(results: str | Path, table: str, manifest: str | None = None) -> list[dict[str, Any]]:
-    """Results of ``table`` under ``results``; refuses to mix manifests, versions or data kinds."""
-    found = [r for _, r in iter_results(results) if r.get("manifest", {}).get("table") == table
-             and (manifest is None or r["manifest"]["name"] == manifest)
-             and r.get("status", "done") == "done"]  # failed cells (fishertune status) are shown as not run
+    """Results of ``table`` under ``results``, one configuration per row (:func:`latest_configs`); refuses to
+    mix manifests, versions or data kinds."""
+    found = latest_configs([(path, r) for path, r in iter_results(results)
+                            if r.get("manifest", {}).get("table") == table
+                            and (manifest is None or r["manifest"]["name"] == manifest)
+                            and r.get("status", "done") == "done"])  # failed cells are shown as not run
     if not found:
         which = f" from manifest {manifest!r}" if manifest else ""
         raise UserError(f"no finished {table} cells{which} under {results}; run `fishertune run benchmarks/{table}.yaml` first")
