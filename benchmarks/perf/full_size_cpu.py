@@ -83,6 +83,7 @@ def one_cell(manifest: Path, cell_id: str) -> dict:
 def run(backbones: list[str], methods: list[str], out: Path) -> Path:
     from fishertune.backbones.official import write_official
     from fishertune.runner.manifest import load_manifest
+    from fishertune.runner.store import atomic_write_text
 
     started = datetime.now(timezone.utc)
     load_before = os.getloadavg()[0]
@@ -105,16 +106,19 @@ def run(backbones: list[str], methods: list[str], out: Path) -> Path:
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 rows.append({**row, "checkpoint_gb": path.stat().st_size / 2**30, "write_s": written})
                 print(f"[smoke] step {row['step_s']:.1f} s, peak RSS {row['peak_rss_gb']:.1f} GB", flush=True)
+                # after every row, so that a run stopped part-way keeps what it measured (marked partial)
+                atomic_write_text(out, render(rows, failures, started, load_before, os.getloadavg()[0], backbones,
+                                              methods, total=len(backbones) * len(methods)))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-    from fishertune.runner.store import atomic_write_text
-
     atomic_write_text(out, render(rows, failures, started, load_before, os.getloadavg()[0], backbones, methods))
     return out
 
 
 def render(rows: list[dict], failures: list, started: datetime, load_before: float, load_after: float,
-           backbones: list[str], methods: list[str]) -> str:
+           backbones: list[str], methods: list[str], total: int | None = None) -> str:
+    """The Markdown report; with ``total``, a run still under way (or stopped) that has done ``len(rows)`` of
+    ``total`` rows says so in its first lines."""
     cpu = platform.processor() or platform.machine()
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
@@ -125,6 +129,8 @@ def render(rows: list[dict], failures: list, started: datetime, load_before: flo
     lines = [
         "# Full-size smoke on the CPU: one training step of every family x method",
         "",
+        *([f"**Partial**: {len(rows) + len(failures)} of {total} rows so far (the run was under way or stopped "
+           "when this was written).", ""] if total is not None else []),
         f"Written by `{command}` (started {started:%Y-%m-%d %H:%M UTC}) on a {os.cpu_count()}-core CPU ({cpu}), "
         f"PyTorch {torch.__version__}, {torch.get_num_threads()} intra-op threads; load average "
         f"{load_before:.1f} before and {load_after:.1f} after (the machine was shared: wall times follow the load, "
