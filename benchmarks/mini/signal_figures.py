@@ -40,9 +40,15 @@ def _run(python: str, manifest: Path, results: Path, only: list[str], extra: lis
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def _results(results: Path, name: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((results / name).glob("*.json"))
-            if json.loads(p.read_text()).get("status") == "done"]
+def _results(results: Path, manifest: Path) -> list[dict]:
+    """The finished results of ``manifest``'s cells (its seeds and 3) under ``results``: only the cells of
+    today's configuration, not older ones of the same row (a changed protocol leaves those beside them)."""
+    from fishertune.runner.manifest import load_manifest
+
+    lm = load_manifest(manifest, {"seeds": 3})
+    ids = {c.id for c in lm.cells()}
+    found = [json.loads(p.read_text()) for p in sorted((results / lm.results_name).glob("*.json"))]
+    return [r for r in found if r.get("status") == "done" and r.get("cell_id") in ids]
 
 
 def _avg(rows: list[dict], backbone: str, row: str, seed: int | None = 42) -> float | None:
@@ -78,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    main_rows = _results(results, "mini-table1")
-    random_rows = _results(results, "mini-signal-random")
+    main_rows = _results(results, table1)
+    random_rows = _results(results, MINI / "signal-random.yaml")
     lines = ["# The miniature as an instrument", "",
              f"Written by `python benchmarks/mini/signal_figures.py` ({time.perf_counter() - started:.0f} s for what it ran "
              f"on top of finished cells), torch {torch.__version__}, {main_rows[0]['device']}.", ""]
@@ -116,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Largest: {max(stds):.2f}.", ""]
 
     lines += ["## 4. Environment spread: the same cells, seed 42, elsewhere (target: each moves <= 0.5)", ""]
-    variants = [("2 threads instead of 1", _results(threads, "mini-table1"))]
+    variants = [("2 threads instead of 1", _results(threads, table1))]
     if other is not None:
-        other_rows = _results(other, "mini-table1")
+        other_rows = _results(other, table1)
         variants.append((f"torch {other_rows[0]['versions']['torch']} instead of {torch.__version__}", other_rows))
     header = "| cell | this run | " + " | ".join(name for name, _ in variants) + " |"
     lines += [header, "| --- | --- | " + " | ".join("---" for _ in variants) + " |"]
