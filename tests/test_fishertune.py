@@ -210,3 +210,31 @@ def test_a_cells_numbers_do_not_depend_on_whether_its_estimate_was_cached(tmp_pa
     assert runs[0]["train"]["losses"] == runs[1]["train"]["losses"]
     for target in runs[0]["targets"]:
         assert runs[0]["targets"][target]["confusion"] == runs[1]["targets"][target]["confusion"]
+
+
+def test_a_training_batch_of_one_is_estimated_two_images_at_a_time(tmp_path):
+    """DR-FIM's style shift measures channel statistics over a batch, so a training batch of 1 (a 4-GPU DDP run
+    of batch 4; the full-size smoke) used to fail the estimate; its batches are now joined to 2 images, which
+    gives the estimate of the same images served 2 at a time, and batches already that large pass unchanged."""
+    from fishertune.fisher.method import batches_of_at_least
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, 64, 64, generator=gen), torch.randint(0, 19, (4, 64, 64), generator=gen)
+    singles = [(x[i:i + 1], y[i:i + 1]) for i in range(4)]
+    assert [b[0].shape[0] for b in batches_of_at_least(singles, 2)] == [2, 2]
+    assert [b[0].shape[0] for b in batches_of_at_least(singles[:3], 2)] == [3]  # a remainder joins the last
+    pairs = [(x[:2], y[:2]), (x[2:], y[2:])]
+    assert all(a[0] is b[0] for a, b in zip(batches_of_at_least(pairs, 2), pairs))
+
+    def estimate(batches):
+        seg, m = _segmentor(), build_method("fishertune", {**QUICK, "cache": False})
+        ctx = MethodContext(device=torch.device("cpu"), seed=0, source_batches=lambda n: iter(batches[:n]),
+                            source_images=4, cache_dir=tmp_path, identity={})
+        m.apply(seg, ctx)
+        m.before_training(seg, ctx)
+        return m.mask
+
+    one_at_a_time, two_at_a_time = estimate(singles), estimate(pairs)
+    assert all(torch.equal(one_at_a_time[n], two_at_a_time[n]) for n in two_at_a_time)
+    with pytest.raises(Exception, match="images"):
+        build_method("fishertune", {"images": 1})

@@ -105,10 +105,11 @@ def reset_peak_rss() -> bool:
 
 def write_manifest(path: Path, backbones: list[str], methods: list[str], weights: dict[str, Path], *,
                    batch: int = 4, crop: int | None = None, precision: str = "fp32", iterations: int = 1,
-                   estimation_images: int = 1, workers: int = 0) -> Path:
+                   estimation_images: int = 2, workers: int = 0) -> Path:
     """A manifest over ``benchmarks/table1.yaml`` naming ``weights``, with FisherTune's and ChildTune's
-    estimates on ``estimation_images`` images, not cached (FisherTune's direct estimator: the variational one
-    keeps about ten fp32 copies of the blocks' parameters, 12 GB for a ViT-L, more than a smoke check needs),
+    estimates on ``estimation_images`` images (at least 2: DR-FIM's shift measures statistics over a batch),
+    not cached (FisherTune's direct estimator: the variational one keeps about ten fp32 copies of the blocks'
+    parameters, 12 GB for a ViT-L, more than a smoke check needs),
     and ``workers`` loader processes (0: the step's data is read in the measured process)."""
     train: dict[str, Any] = {"batch_size": batch, "iterations": iterations, "precision": precision}
     if crop is not None:

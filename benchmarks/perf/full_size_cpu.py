@@ -10,7 +10,7 @@ then runs in a process of its own, one at a time, so that its peak resident memo
 
 * build: ``runner.run.prepare_cell`` on a manifest over ``benchmarks/table1.yaml`` naming that checkpoint (the
   family's loader reads and converts it, Rein's Mask2Former, the method's ``apply``);
-* estimate: the method's ``before_training``; FisherTune and ChildTune on **one image** (FisherTune with its
+* estimate: the method's ``before_training``; FisherTune and ChildTune on **two images** (FisherTune with its
   direct estimator: the variational one keeps about ten fp32 copies of the blocks' parameters), since the
   smoke times the step, not the estimate (``fishertune cost`` counts the estimate at its configured size);
 * step: ``engine.train.train`` for one iteration at batch 1 in the protocol's fp32 (one synthetic 1024x512
@@ -138,7 +138,7 @@ def render(rows: list[dict], failures: list, started: datetime, load_before: flo
         "",
         "Each backbone's checkpoint is written in its official release's layout with random weights "
         "(`fishertune.backbones.official`) and read by its family's loader; Rein's Mask2Former head, crop 512, "
-        "batch 1, fp32, one process per row. **FisherTune and ChildTune estimate on one image** (FisherTune with "
+        "batch 1, fp32, one process per row. **FisherTune and ChildTune estimate on two images** (FisherTune with "
         "its direct estimator): the smoke times their step, not their estimate (`fishertune cost` counts that).",
         "",
         "| backbone | method | checkpoint GB | trainable backbone | build s | estimate s | step s | step CPU s "

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,7 +80,8 @@ class FisherTuneConfig(MethodConfig):
     labels: Literal["model", "empirical"] = Field(
         "model", description="labels of the Fisher: drawn from the model's prediction (the definition "
                              "E_{y ~ f(y|x)}) or the ground truth (empirical Fisher)")
-    images: int = Field(512, gt=0, description="source images the estimate uses (not given in the paper)")
+    images: int = Field(512, ge=2, description="source images the estimate uses (not given in the paper); at "
+                                               "least 2, as the domain shift measures statistics over a batch")
     eps: float = Field(0.1, gt=0, description="DR-FIM's epsilon, relative to the mean of min(F(x), F(x')) over the "
                                               "rated elements (the paper's value is not given)")
     shift: DomainShift = Field(default_factory=DomainShift, description="how x' is made from x (DESIGN section 5)")
@@ -95,6 +97,29 @@ class FisherTuneConfig(MethodConfig):
     growth_end: float = Field(0.5, gt=0, le=1, description="growing: fraction of the run by which the whole mask trains")
     growth_stages: int = Field(3, gt=0, description="growing: number of growth steps after the start")
     cache: bool = Field(True, description="keep estimates and masks under <cache>/fisher/ (FISHERTUNE_CACHE)")
+
+
+def batches_of_at_least(batches: Iterable, minimum: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images, labels)`` batches of at least ``minimum`` images: a smaller batch is joined with the next,
+    and a remainder at the end with the batch before it. The estimate's domain shift measures the spread of
+    channel statistics over a batch, and the estimate takes the training batch, which can be 1 (a 4-GPU DDP
+    run of batch 4 gives each process one image; the full-size smoke trains at batch 1). Batches already
+    that large pass unchanged, so the estimates of such runs are the same as before."""
+    pending, xs, ys, n = None, [], [], 0
+    for x, y in batches:
+        xs.append(x)
+        ys.append(y)
+        n += x.shape[0]
+        if n >= minimum:
+            if pending is not None:
+                yield pending
+            pending = (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
+            xs, ys, n = [], [], 0
+    if xs:
+        rest = (torch.cat(xs), torch.cat(ys))
+        pending = rest if pending is None else (torch.cat([pending[0], rest[0]]), torch.cat([pending[1], rest[1]]))
+    if pending is not None:
+        yield pending
 
 
 def _digest(obj: Any) -> str:
@@ -251,7 +276,8 @@ class FisherTune(TuningMethod):
             raise RuntimeError("fishertune: the MethodContext has no source_batches; the estimate needs source data")
         params = block_parameters(segmentor.backbone)
         generator = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
-        batches = ctx.source_batches(cfg.images)  # at most `images` batches; the estimator stops at `images`
+        # at most `images` batches, joined to at least 2 images each; the estimator stops at `images`
+        batches = batches_of_at_least(ctx.source_batches(cfg.images), 2)
         if cfg.estimator == "direct":
             est = direct_fisher(segmentor, params, batches, labels=cfg.labels, shift=cfg.shift, generator=generator,
                                 images=cfg.images, device=ctx.device)

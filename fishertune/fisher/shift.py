@@ -88,8 +88,8 @@ def _check_batch(images: torch.Tensor, reference, what: str) -> None:
         raise ValueError(f"expected images B x C x H x W, got shape {tuple(images.shape)}")
     if images.shape[0] < 2 and reference is None:
         raise UserError(f"{what} needs a batch of at least 2 images to measure the spread of the channel "
-                        f"statistics over the batch (got {images.shape[0]}); raise the batch size of the Fisher "
-                        f"estimation to 2 or more")
+                        f"statistics over the batch (got {images.shape[0]}); give the estimate at least 2 images "
+                        f"(FisherTune's images joins smaller training batches to 2)")
 
 
 def _spread(images: torch.Tensor, reference) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,8 +156,8 @@ def fourier_shift(images: torch.Tensor, beta: float, mix: float = 1.0, generator
     """FDA-style low-frequency amplitude mix with another image of the batch, phase kept."""
     if images.ndim == 4 and images.shape[0] < 2:
         raise UserError(f"the fourier shift mixes each image with another image of its batch and needs a batch of "
-                        f"at least 2 images (got {images.shape[0]}); raise the batch size of the Fisher "
-                        f"estimation to 2 or more")
+                        f"at least 2 images (got {images.shape[0]}); give the estimate at least 2 images "
+                        f"(FisherTune's images joins smaller training batches to 2)")
     _check_batch(images, reference, "the fourier shift")
     if not 0 < beta < 0.5:
         raise ValueError(f"beta must be in (0, 0.5), got {beta}")
