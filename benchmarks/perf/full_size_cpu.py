@@ -3,6 +3,7 @@ one training step at batch 1 and crop 512; writes ``results/perf/full-size-cpu.m
 
     nice -n 19 python benchmarks/perf/full_size_cpu.py          # Table 1's five families x every method
     python benchmarks/perf/full_size_cpu.py --backbones dinov2-l --methods full freeze --out /tmp/smoke.md
+    nice -n 19 python benchmarks/perf/full_size_cpu.py --resume   # keep the rows measured, run the others
 
 For each backbone the checkpoint is written once (random weights, in the layout of the official release:
 ``fishertune.backbones.official``) into a temporary folder, deleted after its methods. Each backbone x method
@@ -80,15 +81,40 @@ def one_cell(manifest: Path, cell_id: str) -> dict:
             "step_peak_rss_gb": cells.peak_rss_gb() if reset else None}
 
 
-def run(backbones: list[str], methods: list[str], out: Path) -> Path:
+#: the report's table columns, in order: what :func:`read_rows` gives back
+COLUMNS = ("backbone", "method", "checkpoint_gb", "backbone_trainable", "build_s", "estimate_s", "step_s",
+           "step_cpu_s", "loss", "peak_rss_gb", "step_peak_rss_gb")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The measured rows of an earlier report at ``path`` (its table; failures are not rows), for ``--resume``:
+    the values as the table prints them, so that the report renders them again the same."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if not line.startswith("| `"):
+            continue
+        values = dict(zip(COLUMNS, (c.strip().strip("`") for c in line.strip().strip("|").split("|"))))
+        row = {k: float(v) for k, v in values.items() if k not in ("backbone", "method", "backbone_trainable",
+                                                                    "step_peak_rss_gb")}
+        rows.append({**row, "backbone": values["backbone"], "method": values["method"],
+                     "backbone_trainable": float(values["backbone_trainable"].rstrip("M")) * 1e6,
+                     "step_peak_rss_gb": None if values["step_peak_rss_gb"] == "-" else float(values["step_peak_rss_gb"])})
+    return rows
+
+
+def run(backbones: list[str], methods: list[str], out: Path, resume: bool = False) -> Path:
     from fishertune.backbones.official import write_official
     from fishertune.runner.manifest import load_manifest
     from fishertune.runner.store import atomic_write_text
 
     started = datetime.now(timezone.utc)
     load_before = os.getloadavg()[0]
-    rows, failures = [], []
+    rows, failures = (read_rows(out) if resume else []), []
+    kept = len(rows)
+    done = {(r["backbone"], r["method"]) for r in rows}
     for backbone in backbones:
+        if all((backbone, m) in done for m in methods):
+            continue
         folder = Path(tempfile.mkdtemp(prefix=f"smoke-{backbone}-"))
         try:
             t = time.perf_counter()
@@ -96,6 +122,8 @@ def run(backbones: list[str], methods: list[str], out: Path) -> Path:
             written = time.perf_counter() - t
             manifest = cells.write_manifest(folder / "smoke.yaml", [backbone], methods, {backbone: path}, batch=1)
             for cell in load_manifest(manifest).cells():
+                if (cell.backbone, cell.row) in done:
+                    continue
                 print(f"[smoke] {cell.id}", flush=True)
                 proc = subprocess.run([sys.executable, __file__, "--cell", str(manifest), cell.id],
                                       capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -108,17 +136,18 @@ def run(backbones: list[str], methods: list[str], out: Path) -> Path:
                 print(f"[smoke] step {row['step_s']:.1f} s, peak RSS {row['peak_rss_gb']:.1f} GB", flush=True)
                 # after every row, so that a run stopped part-way keeps what it measured (marked partial)
                 atomic_write_text(out, render(rows, failures, started, load_before, os.getloadavg()[0], backbones,
-                                              methods, total=len(backbones) * len(methods)))
+                                              methods, total=len(backbones) * len(methods), kept=kept))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-    atomic_write_text(out, render(rows, failures, started, load_before, os.getloadavg()[0], backbones, methods))
+    atomic_write_text(out, render(rows, failures, started, load_before, os.getloadavg()[0], backbones, methods,
+                                  kept=kept))
     return out
 
 
 def render(rows: list[dict], failures: list, started: datetime, load_before: float, load_after: float,
-           backbones: list[str], methods: list[str], total: int | None = None) -> str:
+           backbones: list[str], methods: list[str], total: int | None = None, kept: int = 0) -> str:
     """The Markdown report; with ``total``, a run still under way (or stopped) that has done ``len(rows)`` of
-    ``total`` rows says so in its first lines."""
+    ``total`` rows says so in its first lines; ``kept`` rows came from an earlier run (``--resume``)."""
     cpu = platform.processor() or platform.machine()
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
@@ -131,6 +160,8 @@ def render(rows: list[dict], failures: list, started: datetime, load_before: flo
         "",
         *([f"**Partial**: {len(rows) + len(failures)} of {total} rows so far (the run was under way or stopped "
            "when this was written).", ""] if total is not None else []),
+        *([f"Resumed (`--resume`): the first {kept} rows were measured by an earlier run of this command and kept; "
+           "the header's start time and load averages are this run's.", ""] if kept else []),
         f"Written by `{command}` (started {started:%Y-%m-%d %H:%M UTC}) on a {os.cpu_count()}-core CPU ({cpu}), "
         f"PyTorch {torch.__version__}, {torch.get_num_threads()} intra-op threads; load average "
         f"{load_before:.1f} before and {load_after:.1f} after (the machine was shared: wall times follow the load, "
@@ -167,12 +198,14 @@ def main() -> int:
     p.add_argument("--methods", nargs="+", default=list(table1.methods), choices=registered_methods(),
                    help="methods (default: Table 1's)")
     p.add_argument("--out", type=Path, default=OUT, help="the Markdown written (default: results/perf/full-size-cpu.md)")
+    p.add_argument("--resume", action="store_true", help="keep the rows the report at --out already has and run "
+                                                          "only the others (its failures again)")
     p.add_argument("--cell", nargs=2, metavar=("MANIFEST", "CELL_ID"), help=argparse.SUPPRESS)  # a child's job
     args = p.parse_args()
     if args.cell:
         print(json.dumps(one_cell(Path(args.cell[0]), args.cell[1])))
         return 0
-    print(f"wrote {run(args.backbones, args.methods, args.out)}")
+    print(f"wrote {run(args.backbones, args.methods, args.out, args.resume)}")
     return 0
 
 
