@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--backbones", nargs="+", default=["sam-tiny", "dinov2-tiny"])
-    p.add_argument("--steps", nargs="+", default=["40", "20", "direct"],
+    p.add_argument("--steps", nargs="+", default=["40", "20", "20@0.5", "direct"],
                    help="estimates compared: STEPS or STEPS@LR of the variational one (the protocol's lr otherwise), "
                         "or direct (default: %(default)s)")
     p.add_argument("--seeds", nargs="+", type=int, default=[42, 43], help="estimate seeds (default: %(default)s)")
