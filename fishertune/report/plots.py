@@ -489,8 +489,10 @@ def plot_qualitative(results: list[dict], results_dir: Path, backbone: str, targ
             continue
         preds = []
         for m, rs in recs.items():
-            same = [q for q in rs if q["image"] == rec["image"]]
+            same = [q for q in rs if _same_image(q, rec)]
             if not same:
+                say(f"qualitative {backbone} {target}: {cells[m]['cell_id']} saved no prediction of "
+                    f"{Path(rec['image']).name}")
                 preds.append((m, None))
                 continue
             path = results_dir / cells[m]["_dir"] / same[0]["prediction"]
@@ -553,6 +555,14 @@ def _tables_present(results_dir: Path, manifest: str | None) -> list[str]:
         raise UserError(f"no finished cells{which} under {results_dir}; run `fishertune run MANIFEST` first "
                         "or pass --results DIR")
     return tables
+
+
+def _same_image(a: dict, b: dict) -> bool:
+    """Two saved predictions' records name the same image: its data set, index and file name. Not its whole
+    path: cells run with another cache or data root (``FISHERTUNE_CACHE``, another machine) read the same
+    image from elsewhere."""
+    return (a.get("dataset"), a.get("index"), Path(a["image"]).name) == \
+        (b.get("dataset"), b.get("index"), Path(b["image"]).name)
 
 
 def _with_dirs(results_dir: Path, results: list[dict]) -> list[dict]:
