@@ -120,7 +120,7 @@ def test_bytes_are_a_real_steps(costs, method):
 
 def test_estimation_counts_the_configured_passes(costs):
     lm, _, by_method = costs
-    fisher = lm.manifest.method_configs["fishertune"]  # the miniature's: 12 images, 40 variational steps
+    fisher = lm.manifest.method_configs["fishertune"]  # the miniature's (benchmarks/mini/protocol.yaml)
     e = by_method["fishertune"].estimation
     assert e["passes"] == 2 * fisher["variational"]["steps"] * 2 * lm.manifest.train.batch_size  # x, x'; antithetic
     assert e["forwards"] == fisher["images"]  # the model's labels
