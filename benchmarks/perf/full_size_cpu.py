@@ -5,6 +5,9 @@ one training step at batch 1 and crop 512; writes ``results/perf/full-size-cpu.m
     python benchmarks/perf/full_size_cpu.py --backbones dinov2-l --methods full freeze --out /tmp/smoke.md
     nice -n 19 python benchmarks/perf/full_size_cpu.py --resume   # keep the rows measured, run the others
 
+``--resume`` continues a report made on the same machine (CPU model, cores, PyTorch, threads, as its header
+names them) and refuses one made elsewhere: step times of two CPUs in one table compare neither.
+
 For each backbone the checkpoint is written once (random weights, in the layout of the official release:
 ``fishertune.backbones.official``) into a temporary folder, deleted after its methods. Each backbone x method
 then runs in a process of its own, one at a time, so that its peak resident memory is its own:
@@ -31,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -102,11 +106,33 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def machine() -> str:
+    """Where the steps are timed, as the report's header names it: cores, CPU model, PyTorch, threads."""
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return (f"a {os.cpu_count()}-core CPU ({cpu}), PyTorch {torch.__version__}, "
+            f"{torch.get_num_threads()} intra-op threads")
+
+
+def read_machine(path: Path) -> str | None:
+    """The machine an earlier report at ``path`` names in its header (:func:`machine`), or None."""
+    found = re.search(r"\) on (a \d+-core CPU .*? intra-op threads); load average", path.read_text())
+    return found.group(1) if found else None
+
+
 def run(backbones: list[str], methods: list[str], out: Path, resume: bool = False) -> Path:
     from fishertune.backbones.official import write_official
     from fishertune.runner.manifest import load_manifest
     from fishertune.runner.store import atomic_write_text
 
+    if resume and out.exists() and read_machine(out) not in (None, machine()):
+        print(f"error: --resume: {out} was measured on {read_machine(out)}; this run is on {machine()}: a table "
+              f"of step times from two machines compares neither; run without --resume to measure every row here, "
+              f"or write elsewhere with --out FILE", file=sys.stderr)
+        raise SystemExit(2)
     started = datetime.now(timezone.utc)
     load_before = os.getloadavg()[0]
     rows, failures = (read_rows(out) if resume else []), []
@@ -148,11 +174,8 @@ def render(rows: list[dict], failures: list, started: datetime, load_before: flo
            backbones: list[str], methods: list[str], total: int | None = None, kept: int = 0) -> str:
     """The Markdown report; with ``total``, a run still under way (or stopped) that has done ``len(rows)`` of
     ``total`` rows says so in its first lines; ``kept`` rows came from an earlier run (``--resume``)."""
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    order = {(b, m): i for i, (b, m) in enumerate((b, m) for b in backbones for m in methods)}
+    rows = sorted(rows, key=lambda r: order.get((r["backbone"], r["method"]), len(order)))
     command = ("python benchmarks/perf/full_size_cpu.py --backbones " + " ".join(backbones)
                + " --methods " + " ".join(methods))
     lines = [
@@ -160,10 +183,9 @@ def render(rows: list[dict], failures: list, started: datetime, load_before: flo
         "",
         *([f"**Partial**: {len(rows) + len(failures)} of {total} rows so far (the run was under way or stopped "
            "when this was written).", ""] if total is not None else []),
-        *([f"Resumed (`--resume`): the first {kept} rows were measured by an earlier run of this command and kept; "
-           "the header's start time and load averages are this run's.", ""] if kept else []),
-        f"Written by `{command}` (started {started:%Y-%m-%d %H:%M UTC}) on a {os.cpu_count()}-core CPU ({cpu}), "
-        f"PyTorch {torch.__version__}, {torch.get_num_threads()} intra-op threads; load average "
+        *([f"Resumed (`--resume`): {kept} rows were measured by an earlier run of this command on the same machine "
+           "and kept; the header's start time and load averages are this run's.", ""] if kept else []),
+        f"Written by `{command}` (started {started:%Y-%m-%d %H:%M UTC}) on {machine()}; load average "
         f"{load_before:.1f} before and {load_after:.1f} after (the machine was shared: wall times follow the load, "
         "CPU seconds less so). Nothing here is typed by hand; how each figure is measured: the script's docstring.",
         "",
@@ -199,7 +221,8 @@ def main() -> int:
                    help="methods (default: Table 1's)")
     p.add_argument("--out", type=Path, default=OUT, help="the Markdown written (default: results/perf/full-size-cpu.md)")
     p.add_argument("--resume", action="store_true", help="keep the rows the report at --out already has and run "
-                                                          "only the others (its failures again)")
+                                                          "only the others (its failures again); refused when that "
+                                                          "report was measured on another machine")
     p.add_argument("--cell", nargs=2, metavar=("MANIFEST", "CELL_ID"), help=argparse.SUPPRESS)  # a child's job
     args = p.parse_args()
     if args.cell:
