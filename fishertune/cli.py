@@ -440,11 +440,12 @@ def _cmd_regression(args: argparse.Namespace) -> int:
             for cell, status in run_manifest(lm, args.results, only=args.only, device=args.device):
                 print(f"{status:8s} {cell.id}")
         if args.action == "check":
-            problems = regression.check(lm, args.results, args.stored, only=args.only)
+            problems, compared, closest = regression.check_report(lm, args.results, args.stored, only=args.only)
             for line in problems:
                 print(line)
             print(f"{lm.results_name}: " + (f"{len(problems)} statistic(s) moved beyond their bands" if problems
-                                            else "no change beyond the stored bands"))
+                                            else "no change beyond the stored bands")
+                  + f" ({compared} compared" + (f"; the largest against its band: {closest})" if closest else ")"))
             moved_total += len(problems)
         else:
             path, moved = regression.update(lm, args.results, args.spread or [], args.stored, only=args.only,

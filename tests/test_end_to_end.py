@@ -95,7 +95,7 @@ def test_numbers_match_the_stored_regression_numbers_within_their_bands(mini_run
     assert record["made_with"]["torch"] and record["spread_from"], "stored without measured environment spread"
 
 
-def test_regression_check_notices_a_number_beyond_its_band(mini_run):
+def test_regression_check_notices_a_number_beyond_its_band(mini_run, tmp_path):
     lm, results, _ = mini_run
     stored = regression.build(lm, results, only=CI_CELLS)
     row = next(iter(stored["rows"].values()))
@@ -109,6 +109,12 @@ def test_regression_check_notices_a_number_beyond_its_band(mini_run):
     for seed in entry["values"]:
         entry["values"][seed] -= band  # now 0.5 bands off: within
     assert regression.compare(stored, regression.fresh_record(lm, results, CI_CELLS)) == []
+    # what `regression check` says of a pass: how many statistics it compared, and the one nearest its band
+    path = tmp_path / "stored.json"
+    path.write_text(json.dumps(stored))
+    problems, compared, closest = regression.check_report(lm, results, path, only=CI_CELLS)
+    assert problems == [] and compared == sum(len(e) for r in stored["rows"].values() for e in r["targets"].values())
+    assert closest.startswith(f"{next(iter(stored['rows']))} cityscapes miou:") and f"band {band:.2f}" in closest
 
 
 def test_render_writes_markdown_and_latex_naming_the_miniature(mini_run, tmp_path, capsys):

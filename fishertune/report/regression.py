@@ -178,11 +178,16 @@ def band(entry: dict[str, Any], stat: str, n: int, rule: dict[str, float]) -> fl
 def compare(stored: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
     """Every stored statistic of a row present in ``fresh`` that moved beyond its band, and every row or
     seed present on one side only."""
+    return _compared(stored, fresh)[0]
+
+
+def _compared(stored: dict[str, Any], fresh: dict[str, Any]) -> tuple[list[str], list[tuple[float, str]]]:
+    """``compare``'s problems, and every compared statistic's (move / band, description)."""
     if stored.get("schema") != SCHEMA:
         raise UserError(f"stored regression numbers of schema {stored.get('schema')}, this version reads {SCHEMA}; "
                         "store them again with `fishertune regression update`")
     rule = stored["rule"]
-    problems = []
+    problems, moves = [], []
     for row in sorted(set(stored["rows"]) | set(fresh["rows"])):
         if row not in fresh["rows"]:
             problems.append(f"{row}: stored but not in this run")
@@ -210,10 +215,12 @@ def compare(stored: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
                 before = statistics.fmean(e["values"][s] for s in seeds)
                 now = statistics.fmean(value["values"][s] for s in seeds)
                 b = band(e, stat, len(seeds), rule)
+                what = (f"{row} {target} {stat}: {before:.2f} -> {now:.2f} ({now - before:+.2f}, band "
+                        f"{b:.2f}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+                moves.append((abs(now - before) / b, what))
                 if abs(now - before) > b:
-                    problems.append(f"{row} {target} {stat}: {before:.2f} -> {now:.2f} ({now - before:+.2f}, band "
-                                    f"{b:.2f}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
-    return problems
+                    problems.append(what)
+    return problems, moves
 
 
 def fresh_record(lm: LoadedManifest, results: str | Path, only: list[str] | None = None) -> dict[str, Any]:
@@ -261,6 +268,20 @@ def check(lm: LoadedManifest, results: str | Path, stored: str | Path | None = N
           only: list[str] | None = None) -> list[str]:
     """Statistics of the finished cells ``only`` selects that moved beyond the stored bands (stored rows
     outside the selection are not compared)."""
+    return check_report(lm, results, stored, only)[0]
+
+
+def check_report(lm: LoadedManifest, results: str | Path, stored: str | Path | None = None,
+                 only: list[str] | None = None) -> tuple[list[str], int, str | None]:
+    """:func:`check`'s problems, how many statistics it compared, and the one that came closest to its band
+    (the largest move as a share of its band): whether a check passed by a wide margin or narrowly."""
+    problems, moves = _compared(*_check_pair(lm, results, stored, only))
+    return problems, len(moves), (max(moves)[1] if moves else None)
+
+
+def _check_pair(lm: LoadedManifest, results: str | Path, stored: str | Path | None,
+                only: list[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The stored record (its rows cut to the selection) and the fresh one that :func:`check` compares."""
     path = stored_path(lm, stored)
     if not path.is_file():
         raise UserError(f"no stored regression numbers at {path}; create them with "
@@ -269,4 +290,4 @@ def check(lm: LoadedManifest, results: str | Path, stored: str | Path | None = N
     fresh = fresh_record(lm, results, only)
     if only:
         old = {**old, "rows": {k: v for k, v in old.get("rows", {}).items() if k in fresh["rows"]}}
-    return compare(old, fresh)
+    return old, fresh
