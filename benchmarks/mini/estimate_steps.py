@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         for future in bar(as_completed(futures), total=len(futures), desc="estimates", unit="estimate"):
             masks[futures[future]], seconds[futures[future]] = future.result()
     lines = ["# How many variational steps the mini FisherTune estimate needs", "",
-             f"Written by `python benchmarks/mini/estimate_steps.py` ({platform.processor() or platform.machine()}, "
+             f"Written by `{' '.join(['python benchmarks/mini/estimate_steps.py', *(argv if argv is not None else sys.argv[1:])])}`"
+             f" ({platform.processor() or platform.machine()}, "
              f"torch {torch.__version__}, 1 thread). Share of the k selected elements (DR-FIM, Table 1's mini "
              "FisherTune cell) that two masks have in common; the estimate's seed draws its batches and noise. "
              f"Two masks drawn at random share the budget's fraction of their elements on average (here "
