@@ -17,7 +17,9 @@ at the same budget.
 Choices the paper leaves open (each a config field):
 - the estimate is made before any training, with the decode head as initialised (as ChildTuning
   rates a pretrained model with a fresh task head), on ``images`` source images of the run's augmented
-  training stream;
+  training stream, served in the training batches joined to at least 2 images each (the domain shift
+  measures channel statistics over a batch; a training batch of 1, as each process of a 4-GPU DDP run of
+  batch 4 has, is joined with the next: :func:`batches_of_at_least`), hence ``images`` >= 2;
 - ``eps`` is relative: the absolute epsilon is ``eps`` times the mean of the denominator's min term
   over the rated elements (min(F(x), F(x')) directly, gamma min(Lambda_x, Lambda_x') variationally),
   so that its effect does not depend on the loss's scale;
