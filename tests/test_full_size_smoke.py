@@ -59,3 +59,13 @@ def test_resume_refuses_a_report_made_on_another_machine(smoke, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Some Other CPU" in err[0] and "without --resume" in err[0]
     assert out.read_text() == before
+
+
+def test_resume_refuses_a_damaged_report_in_one_line(smoke, tmp_path, capsys):
+    out = tmp_path / "smoke.md"
+    out.write_text(_render(smoke, [_row("clip-l", "full", 51.7)], total=4).replace("51.7", "fast"))
+    with pytest.raises(SystemExit) as stop:
+        smoke.run(["clip-l"], ["full", "freeze"], out, resume=True)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read" in err[0] and "without --resume" in err[0]

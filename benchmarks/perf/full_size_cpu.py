@@ -135,7 +135,12 @@ def run(backbones: list[str], methods: list[str], out: Path, resume: bool = Fals
         raise SystemExit(2)
     started = datetime.now(timezone.utc)
     load_before = os.getloadavg()[0]
-    rows, failures = (read_rows(out) if resume else []), []
+    try:
+        rows, failures = (read_rows(out) if resume else []), []
+    except (ValueError, KeyError) as e:
+        print(f"error: --resume: {out} has a table row this script cannot read ({e}); run without --resume to "
+              f"measure every row again", file=sys.stderr)
+        raise SystemExit(2) from None
     kept = len(rows)
     done = {(r["backbone"], r["method"]) for r in rows}
     for backbone in backbones:
