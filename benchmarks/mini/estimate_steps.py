@@ -35,12 +35,15 @@ OUT = ROOT / "results" / "perf" / "mini-estimate-steps.md"
 
 
 def estimator_config(variant: str) -> str:
-    """``direct`` (squared per-image gradients), ``STEPS`` (the variational estimate with that many steps) or
-    ``STEPS@LR`` (and that Adam learning rate of ln Lambda), as the method's YAML config."""
+    """``direct`` (squared per-image gradients), ``STEPS`` (the variational estimate with that many steps),
+    ``STEPS@LR`` (and that Adam learning rate of ln Lambda), each optionally followed by ``/sampled`` or
+    ``/fisher`` (the variational estimate's ``curvature``), as the method's YAML config."""
     if variant == "direct":
         return "estimator: direct"
-    steps, _, lr = variant.partition("@")
-    return f"variational: {{steps: {int(steps)}" + (f", lr: {float(lr)}" if lr else "") + "}"
+    head, _, curvature = variant.partition("/")
+    steps, _, lr = head.partition("@")
+    return (f"variational: {{steps: {int(steps)}" + (f", lr: {float(lr)}" if lr else "")
+            + (f", curvature: {curvature}" if curvature else "") + "}")
 
 
 def select_mask(backbone: str, variant: str, seed: int) -> tuple[dict, float]:
@@ -72,8 +75,9 @@ def select_mask(backbone: str, variant: str, seed: int) -> tuple[dict, float]:
 def label(variant: str) -> str:
     if variant == "direct":
         return variant
-    steps, _, lr = variant.partition("@")
-    return f"variational {steps} steps" + (f" lr {lr}" if lr else "")
+    head, _, curvature = variant.partition("/")
+    steps, _, lr = head.partition("@")
+    return f"variational {steps} steps" + (f" lr {lr}" if lr else "") + (f" {curvature}" if curvature else "")
 
 
 def shared(a: dict, b: dict) -> float:
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbones", nargs="+", default=["sam-tiny", "dinov2-tiny"])
     p.add_argument("--steps", nargs="+", default=["40", "20", "20@0.5", "direct"],
                    help="estimates compared: STEPS or STEPS@LR of the variational one (the protocol's lr otherwise), "
-                        "or direct (default: %(default)s)")
+                        "each optionally with /sampled or /fisher (its curvature; the protocol's otherwise), or "
+                        "direct (default: %(default)s)")
     p.add_argument("--seeds", nargs="+", type=int, default=[42, 43], help="estimate seeds (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=2, help="estimates at once, one process and thread each (default: "
                                                        "%(default)s)")

@@ -23,6 +23,11 @@ Choices the paper leaves open (each a config field):
 - ``eps`` is relative: the absolute epsilon is ``eps`` times the mean of the denominator's min term
   over the rated elements (min(F(x), F(x')) directly, gamma min(Lambda_x, Lambda_x') variationally),
   so that its effect does not depend on the loss's scale;
+- the variational estimate's curvature is the Fisher at sampled weights (``variational.curvature:
+  fisher``, variational online Gauss-Newton), the slide's E_q[L] ~ L + 1/2 Tr(F Lambda^-1) taken
+  literally; the reparametrisation gradient of E_q[L] itself (``curvature: sampled``) is a Hutchinson
+  probe whose off-diagonal noise made the mask a random one on the miniature (see
+  :mod:`fishertune.fisher.estimate`);
 - random selectors draw from a generator seeded with the manifest's seed (or ``selection_seed``);
 - the mask is fixed for the run by default; ``schedule: growing`` starts with the highest-rated
   ``start_fraction`` of it and adds the next-rated elements in ``growth_stages`` equal steps until the
