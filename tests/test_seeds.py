@@ -159,3 +159,30 @@ def test_regression_bands_are_measured_on_the_cells_a_variant_ran(tmp_path, mini
     empty.mkdir()
     with pytest.raises(UserError, match="holds none of the selected cells"):
         regression.build(lm, main, [empty])
+
+
+def test_a_partial_regression_update_keeps_each_rows_provenance(tmp_path, mini_manifest):
+    """`regression update --only ROWS` rewrites those rows; the others keep their numbers, and every row names
+    the machine and torch that made it, since the record's own made_with is only the last update's."""
+    from fishertune.report import regression
+
+    lm = load_manifest(mini_manifest("partial", "methods: [freeze, full]\n"))
+    cells = {c.row: c for c in lm.cells()}
+    freeze, full = cells["freeze"], cells["full"]
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "stored.json"
+    for cell in (freeze, full):
+        _stored_result(first, lm, cell, 20.0, 50.0, "2.12")
+    regression.update(lm, first, out=out)
+    _stored_result(second, lm, full, 25.0, 55.0, "2.14")
+    _, moved = regression.update(lm, second, out=out, only=[full.id])
+    record = json.loads(out.read_text())
+    assert moved  # full moved by 5 mIoU, and the update says so
+    assert record["made_with"]["torch"] == "2.14"
+    rows = record["rows"]
+    assert rows["dinov2-tiny--freeze"]["made_with"]["torch"] == "2.12"  # kept, with what made it
+    assert rows["dinov2-tiny--freeze"]["targets"]["cityscapes"]["miou"]["values"] == {"42": 20.0}
+    assert rows["dinov2-tiny--full"]["made_with"]["torch"] == "2.14"
+    assert rows["dinov2-tiny--full"]["targets"]["cityscapes"]["miou"]["values"] == {"42": 25.0}
+    assert regression.check(lm, second, stored=out, only=[full.id]) == []
+    assert regression.check(lm, first, stored=out, only=[freeze.id]) == []
+    assert regression.check(lm, first, stored=out, only=[full.id])  # the old full is 5 mIoU off the new one

@@ -22,7 +22,7 @@ step runs on them at the protocol's crop and batch under the autocast of the cho
   allocator's slack aside: an estimate, which the GPU check (``benchmarks/perf/gpu_check.py``) measures.
 * **Estimation** before training: FisherTune's (variational by default: a forward per image for the model's
   labels, then per step ``samples`` draws, doubled when antithetic, each a forward and backward of one batch, on
-  x and again on x') and ChildTune's pass over the source, counted as passes of the cell's own training step
+  x and again on x'; with the default Fisher curvature one image of the batch at a time, the same FLOPs) and ChildTune's pass over the source, counted as passes of the cell's own training step
   (an upper bound: their backward skips the head's weights). The runner runs them outside autocast, in fp32.
 
 The projection of one cell: training (iterations x batch images) and evaluation (every target's windows) at a

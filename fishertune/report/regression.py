@@ -243,7 +243,8 @@ def read(path: Path) -> dict[str, Any]:
 def update(lm: LoadedManifest, results: str | Path, spreads: list[str | Path] = (), out: str | Path | None = None,
            only: list[str] | None = None, bands_from: str | Path | None = None) -> tuple[Path, list[str]]:
     """Store the finished cells' numbers and bands on purpose, and say what moved beyond the old bands.
-    With ``only``, the other stored rows are kept as they were. With ``bands_from`` (another manifest's
+    With ``only``, the other stored rows are kept as they were, and each row then names what made it
+    (``made_with``, ``spread_from``: the record's own name only the last update's). With ``bands_from`` (another manifest's
     stored record, of the same protocol), statistics without a measured spread take its pooled sigma."""
     path = stored_path(lm, out)
     lent = pooled_sigma(read(Path(bands_from))) if bands_from else None
@@ -257,7 +258,15 @@ def update(lm: LoadedManifest, results: str | Path, spreads: list[str | Path] = 
             moved = compare({**old, "rows": {k: v for k, v in old["rows"].items() if k in new["rows"]}}, new)
             if only:
                 grid = {f"{c.backbone}--{c.row}" for c in lm.cells()}
-                new["rows"] = {**{k: v for k, v in old["rows"].items() if k in grid}, **new["rows"]}
+                kept = {k: v for k, v in old["rows"].items() if k in grid and k not in new["rows"]}
+                # the record's made_with and spread_from are this update's; a row kept from an older one
+                # carries its own (another machine's or torch's, maybe), and so does every row written now
+                for v in kept.values():
+                    v.setdefault("made_with", old.get("made_with"))
+                    v.setdefault("spread_from", old.get("spread_from", []))
+                for v in new["rows"].values():
+                    v["made_with"], v["spread_from"] = new["made_with"], new["spread_from"]
+                new["rows"] = {**kept, **new["rows"]}
                 if "bands_from" in old and "bands_from" not in new:  # the rows kept keep their lent bands
                     new["bands_from"] = old["bands_from"]
     atomic_write_text(path, json.dumps(new, indent=1, sort_keys=True) + "\n")
