@@ -238,3 +238,32 @@ def test_a_training_batch_of_one_is_estimated_two_images_at_a_time(tmp_path):
     assert all(torch.equal(one_at_a_time[n], two_at_a_time[n]) for n in two_at_a_time)
     with pytest.raises(Exception, match="images"):
         build_method("fishertune", {"images": 1})
+
+
+def test_the_estimate_steps_variants_are_configs_the_method_accepts():
+    """benchmarks/mini/estimate_steps.py's variants (the README's evidence on the estimate) become the method
+    config they name: steps, Adam's learning rate and the curvature, or the direct estimator."""
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    from fishertune.fisher.method import FisherTuneConfig
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mini" / "estimate_steps.py"
+    spec = importlib.util.spec_from_file_location("estimate_steps", path)
+    steps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(steps)
+
+    def config(variant):
+        return FisherTuneConfig(**yaml.safe_load("{" + steps.estimator_config(variant) + "}"))
+
+    c = config("200/sampled")
+    assert (c.estimator, c.variational.steps, c.variational.curvature) == ("variational", 200, "sampled")
+    c = config("20@0.5/fisher")
+    assert (c.variational.steps, c.variational.lr, c.variational.curvature) == (20, 0.5, "fisher")
+    assert config("5").variational.curvature == FisherTuneConfig().variational.curvature == "fisher"
+    assert config("direct").estimator == "direct"
+    assert steps.label("20@0.5/sampled") == "variational 20 steps lr 0.5 sampled"
+    with pytest.raises(ValueError):
+        config("5/hessian")
