@@ -28,6 +28,13 @@ Choices the paper leaves open (each a config field):
   literally; the reparametrisation gradient of E_q[L] itself (``curvature: sampled``) is a Hutchinson
   probe whose off-diagonal noise made the mask a random one on the miniature (see
   :mod:`fishertune.fisher.estimate`);
+- the two terms of DR-FIM are added as the slide writes them, although they have different units: the
+  Fisher term carries the loss's scale, the domain term is a ratio (times gamma, variationally). Their
+  balance therefore rests on gamma and the loss's scale, which the paper does not give. On the miniature,
+  with the variational estimate at gamma 1e-8, the domain term is five to six orders of magnitude below
+  the Fisher term (the mini ablation's cached estimates) and the DR-FIM mask is the FIM mask, element for
+  element (the mini estimation table's fim-variational and dr_fim-variational rows are identical); with
+  the direct estimate the ratio dominates, and its DR-FIM mask shares 17-32% of its elements with FIM's;
 - random selectors draw from a generator seeded with the manifest's seed (or ``selection_seed``);
 - the mask is fixed for the run by default; ``schedule: growing`` starts with the highest-rated
   ``start_fraction`` of it and adds the next-rated elements in ``growth_stages`` equal steps until the
