@@ -34,7 +34,8 @@ Choices the paper leaves open (each a config field):
   with the variational estimate at gamma 1e-8, the domain term is five to six orders of magnitude below
   the Fisher term (the mini ablation's cached estimates) and the DR-FIM mask is the FIM mask, element for
   element (the mini estimation table's fim-variational and dr_fim-variational rows are identical); with
-  the direct estimate the ratio dominates, and its DR-FIM mask shares 17-32% of its elements with FIM's;
+  the direct estimate the ratio is not scaled by gamma, and its DR-FIM mask shared 17-32% of its elements
+  with FIM's (the mini estimation's cached masks);
 - random selectors draw from a generator seeded with the manifest's seed (or ``selection_seed``);
 - the mask is fixed for the run by default; ``schedule: growing`` starts with the highest-rated
   ``start_fraction`` of it and adds the next-rated elements in ``growth_stages`` equal steps until the
