@@ -749,9 +749,11 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--results", default=DEFAULT_RESULTS, help="results root (default: %(default)s)")
     reg.add_argument("--stored", help="regression file (default: results/regression/<results name>.json; one "
                      "manifest only)")
-    reg.add_argument("--spread", nargs="+", metavar="DIR",
+    reg.add_argument("--spread", nargs="+", metavar="DIR|FILE",
                      help="update: results roots holding the same cells run in other environments (another "
-                          "execution.threads, another torch minor version, another CPU); the bands are measured "
+                          "execution.threads, another torch minor version, another CPU), or a stored record of the "
+                          "same manifest made elsewhere (e.g. from `git show REV:results/regression/...json`: "
+                          "its per-seed values for the cells whose ids are unchanged); the bands are measured "
                           "from them (without: from the spread over seeds)")
     reg.add_argument("--bands-from", metavar="FILE",
                      help="update: for statistics without a measured spread, the pooled spread of another "

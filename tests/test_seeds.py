@@ -186,3 +186,26 @@ def test_a_partial_regression_update_keeps_each_rows_provenance(tmp_path, mini_m
     assert regression.check(lm, second, stored=out, only=[full.id]) == []
     assert regression.check(lm, first, stored=out, only=[freeze.id]) == []
     assert regression.check(lm, first, stored=out, only=[full.id])  # the old full is 5 mIoU off the new one
+
+
+def test_a_record_from_another_machine_is_a_spread(tmp_path, mini_manifest):
+    """A stored record made elsewhere (its runs gone) lends its per-seed values as an environment variant of the
+    cells whose ids are unchanged: the band then covers that machine's move, and spread_from names it."""
+    from fishertune.report import regression
+
+    lm = load_manifest(mini_manifest("record-spread", "methods: [freeze]\nseeds: [1, 2]\n"))
+    first, second = lm.cells()
+    other, here, out = tmp_path / "other", tmp_path / "here", tmp_path / "other.json"
+    _stored_result(other, lm, first, 20.0, 50.0, "2.12")
+    _stored_result(other, lm, second, 21.0, 52.0, "2.12")
+    regression.update(lm, other, out=out)
+    _stored_result(here, lm, first, 20.6, 50.0, "2.14")
+    _stored_result(here, lm, second, 21.0, 52.0, "2.14")
+    record = regression.build(lm, here, [out])
+    assert record["spread_from"] == [{"device": "cpu (test, 1 threads)", "torch": "2.12", "python": "3"}]
+    entry = record["rows"]["dinov2-tiny--freeze"]["targets"]["cityscapes"]
+    # deviations 0.6 and 0 (2 sigma^2 = d^2 each), pooled with the same prior: sigma^2 = 0.09
+    assert entry["miou"]["sigma"] == pytest.approx(0.3)
+    assert entry["road"]["sigma"] == pytest.approx(0.0)
+    with pytest.raises(UserError, match="not a stored regression record of record-spread"):
+        regression.build(lm, here, [tmp_path / "here" / "record-spread" / f"{first.id}.json"])

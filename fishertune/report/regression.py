@@ -4,8 +4,10 @@
 over the seeds that ran) and per target, the mean mIoU over seeds and the per-class IoU, with what
 made them (machine, torch, threads) in ``results/regression/<results name>.json``. With ``--spread
 DIR ...`` (the same cells run in other environments: another thread count, another torch minor
-version in another venv, another CPU) it also stores, per statistic, how much the environment moves
-it, and from that a **band**: the largest change the check lets pass.
+version in another venv, another CPU; or a stored record of the same manifest made on another machine,
+whose per-seed values stand for that machine's runs of the cells whose ids are unchanged) it also stores,
+per statistic, how much the environment moves it, and from that a **band**: the largest change the check
+lets pass.
 
 The band. Rerunning the same seeds elsewhere changes only float rounding; each environment's
 deviation ``d`` from the stored run estimates ``2 sigma^2 = d^2`` for that statistic. The estimate of
@@ -64,6 +66,35 @@ def _results(lm: LoadedManifest, results: str | Path, only: list[str] | None,
     return out
 
 
+def _record_results(lm: LoadedManifest, path: str | Path, only: list[str] | None) -> dict[str, dict[str, Any]]:
+    """A stored record's per-seed values in the shape of results, by cell id, for the selected cells it holds:
+    a spread from another machine whose runs are gone but whose record is kept (e.g. ``git show
+    REV:results/regression/mini-table1.json``). Only its stored statistics take part (the stable classes and
+    mIoU); each row is attributed to the machine and torch that made it."""
+    from fishertune.runner.run import select_cells
+
+    record = read(Path(path))
+    if record.get("schema") != SCHEMA or record.get("manifest") != lm.manifest.name:
+        raise UserError(f"{path}: not a stored regression record of {lm.manifest.name} (schema {SCHEMA}); give "
+                        "a results folder or such a record to --spread")
+    wanted = {c.id for c in select_cells(lm.cells(), only)}
+    out = {}
+    for row in record["rows"].values():
+        env = row.get("made_with") or record.get("made_with") or {}
+        for seed, cell_id in row["cells"].items():
+            if cell_id not in wanted:
+                continue
+            value = {t: {stat: e["values"].get(seed) for stat, e in entries.items()}
+                     for t, entries in row["targets"].items()}
+            out[cell_id] = {
+                "backbone": row["backbone"], "row": row["row"], "seed": int(seed), "cell_id": cell_id,
+                "targets": {t: {"miou": v.get("miou"), "per_class_iou": {k: x for k, x in v.items() if k != "miou"}}
+                            for t, v in value.items() if t != "aggregate"},
+                "aggregate": {"miou": value.get("aggregate", {}).get("miou")},
+                "device": env.get("device"), "versions": {"torch": env.get("torch"), "python": env.get("python")}}
+    return out
+
+
 def _statistics(r: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     """``{target: {"miou": x, <class>: iou, ...}}`` of one result, plus ``aggregate``."""
     out = {t: {"miou": v["miou"], **v["per_class_iou"]} for t, v in r["targets"].items()}
@@ -105,7 +136,8 @@ def build(lm: LoadedManifest, results: str | Path, spreads: list[str | Path] = (
     main = _results(lm, results, only)
     # an environment variant may have run a part of the cells (e.g. one seed of each row): the spread is
     # measured on the cells both ran; a variant sharing none of them is a user error
-    others = [_results(lm, s, only, missing_ok=True) for s in spreads]
+    others = [_record_results(lm, s, only) if Path(s).is_file() else _results(lm, s, only, missing_ok=True)
+              for s in spreads]
     for folder, other in zip(spreads, others):
         if not set(other) & set(main):
             raise UserError(f"{folder} holds none of the selected cells of {lm.manifest.name}; run them there "
