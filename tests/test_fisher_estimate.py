@@ -269,6 +269,9 @@ def test_variational_fisher_curvature_converges_to_the_squared_per_image_gradien
     sampled = variational_fisher(model, params, [(x[:2], y[:2]), (x[2:], y[2:])], gamma=1e-4, tau=1e-3, steps=800,
                                  samples=1, lr=0.05, curvature="sampled", generator=torch.Generator().manual_seed(0))
     assert _rel(torch.cat([sampled.fisher[n].flatten() for n in params]), flat_ref) > 2 * errors[2]
+    with pytest.raises(ValueError, match="curvature must be"):
+        variational_fisher(model, params, [(x, y)], gamma=1e-4, tau=1e-3, steps=1, samples=1, lr=0.05,
+                           curvature="hessian")
 
 
 def test_variational_restores_weights_on_error_and_with_a_real_shift():

@@ -59,7 +59,7 @@ s-gradient sees the curvature (``curvature``):
   -e_i (H e)_i / (2 Lambda_i) to second order: a Hutchinson probe of the Hessian's diagonal, whose noise is
   the rest of the Hessian's row i. On a network with a million weights that noise drowns the diagonal:
   on the miniature two seeds' DR-FIM masks shared 5% of their elements after 20 and after 200 steps, what
-  two random masks share, where ``"fisher"`` masks shared 38-52% after 5 steps
+  two random masks share, where ``"fisher"`` masks shared 38-50% after 5 steps
   (``benchmarks/mini/estimate_steps.py``, ``results/perf/mini-estimate-steps.md``). On a small problem it
   does converge to the Hessian's diagonal (``tests/test_fisher_estimate.py``); it is kept for that
   comparison.
@@ -486,7 +486,8 @@ def _precision(segmentor, tensors: list[torch.Tensor], data: list, *, gamma: flo
 def variational_fisher(segmentor: torch.nn.Module, params: Tensors, batches: Iterable, gamma: float, tau: float,
                        steps: int, samples: int, lr: float, *, mean_lr: float = 1e-5, optimise_mean: bool = True,
                        init_scale: float = 1.0, average_from: float = 0.5, antithetic: bool = True,
-                       curvature: Literal["sampled", "fisher"] = "fisher", labels: LabelMode = "empirical", shift: DomainShift | None = None,
+                       curvature: Literal["sampled", "fisher"] = "fisher", labels: LabelMode = "empirical",
+                       shift: DomainShift | None = None,
                        generator: torch.Generator | None = None, images: int | None = None,
                        scores: ScoreKind = "auto", device: torch.device | None = None,
                        desc: str = "fisher (variational)") -> FisherEstimate:
@@ -499,6 +500,8 @@ def variational_fisher(segmentor: torch.nn.Module, params: Tensors, batches: Ite
     """
     if labels not in ("empirical", "model"):
         raise ValueError(f"labels must be 'empirical' or 'model', got {labels!r}")
+    if curvature not in ("sampled", "fisher"):
+        raise ValueError(f"curvature must be 'sampled' or 'fisher', got {curvature!r}")
     if steps < 1 or samples < 1 or gamma <= 0 or tau <= 0 or init_scale <= 0 or not 0 <= average_from < 1:
         raise ValueError("need steps, samples >= 1; gamma, tau, init_scale > 0; 0 <= average_from < 1")
     names, tensors = _check_params(params)
