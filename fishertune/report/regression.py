@@ -276,8 +276,9 @@ def update(lm: LoadedManifest, results: str | Path, spreads: list[str | Path] = 
            only: list[str] | None = None, bands_from: str | Path | None = None) -> tuple[Path, list[str]]:
     """Store the finished cells' numbers and bands on purpose, and say what moved beyond the old bands.
     With ``only``, the other stored rows are kept as they were, and each row then names what made it
-    (``made_with``, ``spread_from``: the record's own name only the last update's). With ``bands_from`` (another manifest's
-    stored record, of the same protocol), statistics without a measured spread take its pooled sigma."""
+    (``made_with``, ``spread_from``: the record's own name only the last update's). With ``bands_from``
+    (another manifest's stored record, of the same protocol), statistics without a measured spread take its
+    pooled sigma."""
     path = stored_path(lm, out)
     lent = pooled_sigma(read(Path(bands_from))) if bands_from else None
     new = build(lm, results, spreads, only, lent=lent)
