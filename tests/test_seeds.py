@@ -182,6 +182,7 @@ def test_a_partial_regression_update_keeps_each_rows_provenance(tmp_path, mini_m
     assert rows["dinov2-tiny--freeze"]["made_with"]["torch"] == "2.12"  # kept, with what made it
     assert rows["dinov2-tiny--freeze"]["targets"]["cityscapes"]["miou"]["values"] == {"42": 20.0}
     assert rows["dinov2-tiny--full"]["made_with"]["torch"] == "2.14"
+    assert rows["dinov2-tiny--full"]["spread_from"] == []  # no variant ran its cells
     assert rows["dinov2-tiny--full"]["targets"]["cityscapes"]["miou"]["values"] == {"42": 25.0}
     assert regression.check(lm, second, stored=out, only=[full.id]) == []
     assert regression.check(lm, first, stored=out, only=[freeze.id]) == []
@@ -203,6 +204,8 @@ def test_a_record_from_another_machine_is_a_spread(tmp_path, mini_manifest):
     _stored_result(here, lm, second, 21.0, 52.0, "2.14")
     record = regression.build(lm, here, [out])
     assert record["spread_from"] == [{"device": "cpu (test, 1 threads)", "torch": "2.12", "python": "3"}]
+    assert record["rows"]["dinov2-tiny--freeze"]["spread_from"] == record["spread_from"]
+    assert record["rows"]["dinov2-tiny--freeze"]["made_with"]["torch"] == "2.14"
     entry = record["rows"]["dinov2-tiny--freeze"]["targets"]["cityscapes"]
     # deviations 0.6 and 0 (2 sigma^2 = d^2 each), pooled with the same prior: sigma^2 = 0.09
     assert entry["miou"]["sigma"] == pytest.approx(0.3)

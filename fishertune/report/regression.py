@@ -191,8 +191,15 @@ def build(lm: LoadedManifest, results: str | Path, spreads: list[str | Path] = (
                     continue
                 entry[stat] = {"values": {str(r["seed"]): v for r, v in zip(members, values)}, "sigma": s}
             targets[target] = entry
+        # what made this row, and which variants ran any of its cells (a row may come from another update)
+        spread_from = []
+        for other in others:
+            hit = next((other[r["cell_id"]] for r in members if r["cell_id"] in other), None)
+            if hit is not None and environment(hit) not in spread_from:
+                spread_from.append(environment(hit))
         groups[row] = {"backbone": members[0]["backbone"], "row": members[0]["row"],
-                       "cells": {str(r["seed"]): r["cell_id"] for r in members}, "targets": targets}
+                       "cells": {str(r["seed"]): r["cell_id"] for r in members}, "targets": targets,
+                       "made_with": environment(members[0]), "spread_from": spread_from}
     made = [environment(next(iter(main.values())))] + [environment(next(iter(o.values()))) for o in others if o]
     return {"schema": SCHEMA, "manifest": lm.manifest.name, "version": lm.manifest.version, "rule": dict(rule),
             "made_with": made[0], "spread_from": made[1:], "rows": groups}
@@ -275,10 +282,10 @@ def read(path: Path) -> dict[str, Any]:
 def update(lm: LoadedManifest, results: str | Path, spreads: list[str | Path] = (), out: str | Path | None = None,
            only: list[str] | None = None, bands_from: str | Path | None = None) -> tuple[Path, list[str]]:
     """Store the finished cells' numbers and bands on purpose, and say what moved beyond the old bands.
-    With ``only``, the other stored rows are kept as they were, and each row then names what made it
-    (``made_with``, ``spread_from``: the record's own name only the last update's). With ``bands_from``
-    (another manifest's stored record, of the same protocol), statistics without a measured spread take its
-    pooled sigma."""
+    With ``only``, the other stored rows are kept as they were; each row names what made it (``made_with``,
+    and ``spread_from``: the variants that ran its cells), the record's own only the last update's. With
+    ``bands_from`` (another manifest's stored record, of the same protocol), statistics without a measured
+    spread take its pooled sigma."""
     path = stored_path(lm, out)
     lent = pooled_sigma(read(Path(bands_from))) if bands_from else None
     new = build(lm, results, spreads, only, lent=lent)
@@ -292,13 +299,11 @@ def update(lm: LoadedManifest, results: str | Path, spreads: list[str | Path] = 
             if only:
                 grid = {f"{c.backbone}--{c.row}" for c in lm.cells()}
                 kept = {k: v for k, v in old["rows"].items() if k in grid and k not in new["rows"]}
-                # the record's made_with and spread_from are this update's; a row kept from an older one
-                # carries its own (another machine's or torch's, maybe), and so does every row written now
+                # the record's made_with and spread_from are this update's; every row carries its own, and a
+                # row kept from a record written before rows did takes that record's
                 for v in kept.values():
                     v.setdefault("made_with", old.get("made_with"))
                     v.setdefault("spread_from", old.get("spread_from", []))
-                for v in new["rows"].values():
-                    v["made_with"], v["spread_from"] = new["made_with"], new["spread_from"]
                 new["rows"] = {**kept, **new["rows"]}
                 if "bands_from" in old and "bands_from" not in new:  # the rows kept keep their lent bands
                     new["bands_from"] = old["bands_from"]
