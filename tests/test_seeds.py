@@ -210,5 +210,9 @@ def test_a_record_from_another_machine_is_a_spread(tmp_path, mini_manifest):
     # deviations 0.6 and 0 (2 sigma^2 = d^2 each), pooled with the same prior: sigma^2 = 0.09
     assert entry["miou"]["sigma"] == pytest.approx(0.3)
     assert entry["road"]["sigma"] == pytest.approx(0.0)
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(json.dumps({**json.loads(out.read_text()), "rows": {"x": {"cells": {"1": first.id}}}}))
+    with pytest.raises(UserError, match="a damaged regression record"):
+        regression.build(lm, here, [damaged])
     with pytest.raises(UserError, match="not a stored regression record of record-spread"):
         regression.build(lm, here, [tmp_path / "here" / "record-spread" / f"{first.id}.json"])

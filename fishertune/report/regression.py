@@ -78,6 +78,13 @@ def _record_results(lm: LoadedManifest, path: str | Path, only: list[str] | None
         raise UserError(f"{path}: not a stored regression record of {lm.manifest.name} (schema {SCHEMA}); give "
                         "a results folder or such a record to --spread")
     wanted = {c.id for c in select_cells(lm.cells(), only)}
+    try:
+        return _record_values(record, wanted)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise UserError(f"{path}: a damaged regression record ({type(e).__name__}: {e}); restore it from git") from None
+
+
+def _record_values(record: dict[str, Any], wanted: set[str]) -> dict[str, dict[str, Any]]:
     out = {}
     for row in record["rows"].values():
         env = row.get("made_with") or record.get("made_with") or {}
