@@ -94,6 +94,16 @@ def test_defaults_and_deltas_merge(tmp_path):
     assert one["acdc"] == [480, 270] and one["cityscapes"] == [1024, 512]  # a delta keeps the other targets
 
 
+def test_naming_another_head_replaces_the_included_heads_options(tmp_path):
+    protocol = PROTOCOL + "head: {name: light, config: {channels: 32, dropout: 0.0}}\n"
+    same = load_manifest(write(tmp_path, GOOD + "head: {config: {channels: 16}}\n", protocol=protocol)).manifest.head
+    assert same.name == "light" and same.config == {"channels": 16, "dropout": 0.0}  # same head: merged
+    other = load_manifest(write(tmp_path, GOOD + "head: {name: linear, config: {levels: [2]}}\n", protocol=protocol))
+    assert other.manifest.head.name == "linear" and other.manifest.head.config == {"levels": [2]}  # not light's
+    bad = write(tmp_path, GOOD + "head: {name: linear, config: {levels: [4]}}\n", protocol=protocol)
+    assert main(["run", str(bad), "--dry-run"]) == 2  # the head's own check, one line
+
+
 def test_cell_ids_are_stable_and_follow_what_changes_numbers(tmp_path):
     ids = [c.id for c in load_manifest(write(tmp_path, GOOD)).cells()]
     assert ids == [c.id for c in load_manifest(write(tmp_path, GOOD)).cells()]

@@ -2,7 +2,8 @@
 
 A manifest is merged over ``fishertune/defaults.yaml`` (the paper's protocol): first the file named
 by its ``include`` (if any; included files may not include again), then the manifest itself; nested
-mappings merge key by key, everything else replaces. The result is validated strictly: unknown keys,
+mappings merge key by key, everything else replaces (a ``head`` naming another head than the one below it
+replaces that head's mapping whole: its ``config`` holds the other head's options). The result is validated strictly: unknown keys,
 wrong types and the YAML 1.1 traps (``1e-4`` and ``yes``/``no``/``on``/``off`` read as the wrong type)
 are errors naming the file and the field. ``expand`` turns the grid (backbones x methods) into cells
 with stable ids.
@@ -291,7 +292,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in delta.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if key == "head" and isinstance(value, dict) and isinstance(out.get(key), dict) \
+                and value.get("name", out[key].get("name")) != out[key].get("name"):
+            # a head's options belong to its name: naming another head starts its config afresh
+            out[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
