@@ -7,7 +7,9 @@ already finished are reused, so after the main job this runs only what it adds):
 
 1. **Pretraining matters**: each family's frozen tiny foundation model against the same architecture
    frozen at random initialisation (``benchmarks/mini/signal-random.yaml``), same head, budget and
-   data; the ratio of their average mIoU (target: at least 2).
+   data; the ratio of their average mIoU (target: at least 2). Beside it (1b) the same pair with a
+   linear probe instead of the Mask2Former head (``probe.yaml``, ``probe-random.yaml``): what the
+   frozen features hold linearly, apart from what the head learns to make of them.
 2. **Signal**: the best cell of the mini Table 1 (target: an average mIoU of at least 35).
 3. **Seed spread**: the standard deviation over 3 seeds of the average mIoU of full, freeze and
    fishertune on two families (target: at most 1.0).
@@ -58,6 +60,30 @@ def _avg(rows: list[dict], backbone: str, row: str, seed: int | None = 42) -> fl
     return None
 
 
+def _probe_lines(main_rows: list[dict], random_rows: list[dict], probe: list[dict], probe_random: list[dict]) -> list[str]:
+    """Figure 1b: the same pairs with a linear head (``probe.yaml``, ``probe-random.yaml``), beside figure 1's."""
+    lines = ["### 1b. The same pairs with a linear probe instead of the Mask2Former head", "",
+             "What the frozen features hold linearly (`benchmarks/mini/probe.yaml`: BatchNorm and a 1x1 convolution "
+             "on the four feature maps, `fishertune/heads/linear.py`; same protocol, budget and data), beside what "
+             "the mini protocol's Mask2Former head makes of them (figure 1).", "",
+             "| family | probe: pretrained | probe: random init | probe ratio | Mask2Former ratio |",
+             "| --- | --- | --- | --- | --- |"]
+    ratios = []
+    for b in sorted({r["backbone"] for r in probe}):
+        pre, rnd = _avg(probe, b, "freeze"), _avg(probe_random, b, "freeze")
+        m_pre, m_rnd = _avg(main_rows, b, "freeze"), _avg(random_rows, b, "freeze")
+        ratio = pre / rnd if pre is not None and rnd else None
+        m_ratio = m_pre / m_rnd if m_pre is not None and m_rnd else None
+        ratios.append(ratio)
+        fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+        lines.append(f"| {b} | {fmt(pre, '.1f')} | {fmt(rnd, '.1f')} | {fmt(ratio, '.2f')} | {fmt(m_ratio, '.2f')} |")
+    valid = [x for x in ratios if x is not None]
+    if valid:
+        lines += ["", f"Probe ratio at or above 2: {sum(x >= TARGETS['ratio'] for x in valid)} of {len(valid)} "
+                      f"(mean {statistics.fmean(valid):.2f})."]
+    return lines + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default=str(ROOT / "results" / "runs"), help="results root (default: %(default)s)")
@@ -74,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _run(here, table1, results, ["*"])  # the main job (reused when done)
     _run(here, MINI / "signal-random.yaml", results, ["*"])
+    _run(here, MINI / "probe.yaml", results, ["*"])
+    _run(here, MINI / "probe-random.yaml", results, ["*"])
     _run(here, table1, results, spread_cells, ["--seeds", "3"])
     threads = results.parent / f"{results.name}-threads2"
     _run(here, table1, threads, spread_cells, ["--threads", "2", "--jobs", "1"])
@@ -102,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     valid = [x for x in ratios if x is not None]
     lines += ["", f"Mean ratio {statistics.fmean(valid):.2f}; families at or above 2: "
                   f"{sum(x >= TARGETS['ratio'] for x in valid)} of {len(valid)}.", ""]
+    lines += _probe_lines(main_rows, random_rows, _results(results, MINI / "probe.yaml"),
+                          _results(results, MINI / "probe-random.yaml"))
 
     best = max((r for r in main_rows if r["seed"] == 42), key=lambda r: r["aggregate"]["miou"])
     lines += ["## 2. The best mini Table 1 cell (target: >= 35)", "",
