@@ -68,7 +68,7 @@ class DataConfig(Strict):
 
 
 class HeadConfig(Strict):
-    name: str = Field(description="decode head: light or mask2former")
+    name: str = Field(description="decode head: mask2former, mask2former-tiny, light or linear (fishertune/heads/)")
     config: dict[str, Any] = Field(default_factory=dict, description="the head's own options")
 
 
