@@ -248,6 +248,7 @@ def test_regression_update_says_what_moved_and_keeps_the_rows_not_selected(mini_
     some, other = "sam-tiny--full", "sam-tiny--freeze"
     entry = first["rows"][some]["targets"]["bdd100k"]["miou"]
     entry["values"] = {s: v + 25.0 for s, v in entry["values"].items()}
+    first["bands_from"] = "lent.json"  # as if the first update had lent bands to the rows it stored
     stored.write_text(json.dumps(first))
     capsys.readouterr()
     assert main(["regression", "update", str(MINI), "--results", str(results), "--only", "sam-tiny--full--*", *seeds,
@@ -256,5 +257,10 @@ def test_regression_update_says_what_moved_and_keeps_the_rows_not_selected(mini_
     assert f"{some} bdd100k miou" in out and "1 statistic(s) moved" in out
     second = json.loads(stored.read_text())
     assert set(second["rows"]) == set(first["rows"]) and second["rows"][other] == first["rows"][other]
+    assert second["bands_from"] == "lent.json"  # the rows kept keep saying where their bands came from
     assert main(["regression", "check", str(MINI), "--results", str(results), "--only", *CI_CELLS, *seeds,
                  "--stored", str(stored)]) == 0
+    # every row stored again, none lent a band: the record no longer names the file it once borrowed from
+    assert main(["regression", "update", str(MINI), "--results", str(results), "--only", *CI_CELLS, *seeds,
+                 "--stored", str(stored)]) == 0
+    assert "bands_from" not in json.loads(stored.read_text())

@@ -312,7 +312,7 @@ def update(lm: LoadedManifest, results: str | Path, spreads: list[str | Path] = 
                     v.setdefault("made_with", old.get("made_with"))
                     v.setdefault("spread_from", old.get("spread_from", []))
                 new["rows"] = {**kept, **new["rows"]}
-                if "bands_from" in old and "bands_from" not in new:  # the rows kept keep their lent bands
+                if kept and "bands_from" in old and "bands_from" not in new:  # the rows kept keep their lent bands
                     new["bands_from"] = old["bands_from"]
     atomic_write_text(path, json.dumps(new, indent=1, sort_keys=True) + "\n")
     return path, moved
