@@ -452,8 +452,11 @@ def _cmd_regression(args: argparse.Namespace) -> int:
                                             bands_from=args.bands_from)
             for line in moved:
                 print(line)
-            print(f"wrote {path}" + (f"; {len(moved)} statistic(s) moved beyond the old bands (see git diff)"
-                                     if moved else ""))
+            # a class whose new spread is too wide to compare is dropped from the record: not a move
+            dropped = sum(line.endswith(": stored, absent now") for line in moved)
+            said = [f"{len(moved) - dropped} statistic(s) moved beyond the old bands"] if len(moved) > dropped else []
+            said += [f"{dropped} no longer stored (now too unstable to compare)"] if dropped else []
+            print(f"wrote {path}" + (f"; {', '.join(said)} (see git diff)" if said else ""))
     return 1 if moved_total else 0
 
 
