@@ -1,7 +1,7 @@
 """A linear probe: what a frozen backbone's features say about the classes, with no decoder to learn.
 
-DINOv2's linear semantic-segmentation evaluation (Oquab et al. 2023, https://arxiv.org/abs/2304.07193,
-section 7.4 and its ``linear``/``ms`` heads in the official repository): the backbone's feature maps,
+DINOv2's linear semantic-segmentation evaluation (Oquab et al. 2023, https://arxiv.org/abs/2304.07193:
+its ``linear`` and multi-scale ``ms`` set-ups): the backbone's feature maps,
 resized to one grid and concatenated, then BatchNorm and a 1x1 convolution to the classes,
 
     scores = W . BN(concat_l resize(f_l)) + b,
@@ -14,7 +14,8 @@ identity, the convolution at PyTorch's default (Kaiming-uniform).
 
 Assumptions, where the paper's set-up has none to copy:
 - All four levels the backbone gives are used (DINOv2's ``ms`` variant concatenates the last four blocks).
-  Our levels are blocks resampled to strides 4 to 32 by bilinear interpolation, with no learned neck, so
+  Our levels are four blocks resampled to four strides (4 to 32 on a patch-16 ViT, 2 to 16 on the tiny
+  models' patch 8) by bilinear interpolation, with no learned neck, so
   concatenating them on the finest grid adds no trainable layer between the features and the classifier.
 - ``levels`` may pick fewer (e.g. ``[2]``: the native-stride level alone).
 - Under several processes (DDP) each normalises its own batch (plain BatchNorm, as mmsegmentation's
