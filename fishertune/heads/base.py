@@ -13,9 +13,11 @@ import warnings
 from typing import Annotated
 
 import torch
+import torch.nn.functional as F
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from torch import nn
 
+from fishertune.data.labels import IGNORE_INDEX
 from fishertune.errors import UserError
 from fishertune.registry import Registry
 
@@ -77,3 +79,13 @@ def mean_over_processes(count, device: torch.device):
         dist.all_reduce(total)
         return (total / dist.get_world_size()).clamp(min=1.0)
     return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
+
+
+def pixel_cross_entropy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-pixel heads' loss (``light``, ``linear``): ``scores`` resized bilinearly to the label size,
+    cross-entropy summed over labelled pixels (255 ignored) and divided by their count averaged over the
+    processes (one process: ``F.cross_entropy``'s mean)."""
+    logits = F.interpolate(scores, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    labels = labels.long()
+    total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return {"loss_ce": total / mean_over_processes((labels != IGNORE_INDEX).sum(), labels.device)}

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fishertune.data.labels import IGNORE_INDEX
-from fishertune.heads.base import HEADS, DecodeHead, mean_over_processes
+from fishertune.heads.base import HEADS, DecodeHead, pixel_cross_entropy
 
 
 @HEADS.register("light")
@@ -41,8 +40,4 @@ class LightHead(DecodeHead):
         return self.classifier(self.dropout(self.fuse(x)))
 
     def losses(self, features: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = F.interpolate(self.predict(features), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        labels = labels.long()
-        # the mean over labelled pixels, over all processes of a distributed run (one process: F.cross_entropy's)
-        total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        return {"loss_ce": total / mean_over_processes((labels != IGNORE_INDEX).sum(), labels.device)}
+        return pixel_cross_entropy(self.predict(features), labels)
