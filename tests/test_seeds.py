@@ -216,3 +216,24 @@ def test_a_record_from_another_machine_is_a_spread(tmp_path, mini_manifest):
         regression.build(lm, here, [damaged])
     with pytest.raises(UserError, match="not a stored regression record of record-spread"):
         regression.build(lm, here, [tmp_path / "here" / "record-spread" / f"{first.id}.json"])
+
+
+def test_regression_update_says_a_dropped_class_apart_from_a_move(tmp_path, mini_manifest, capsys):
+    """A class whose new spread is too wide to compare is dropped from the record; update's summary says so and
+    does not count it as a statistic that moved."""
+    from fishertune.cli import main
+
+    path = mini_manifest("dropped", "methods: [freeze]\n")
+    lm = load_manifest(path)
+    (cell,) = lm.cells()
+    here, calm, loud, out = tmp_path / "here", tmp_path / "calm", tmp_path / "loud", tmp_path / "stored.json"
+    _stored_result(here, lm, cell, 20.0, 50.0, "2.14")
+    _stored_result(calm, lm, cell, 20.0, 50.0, "2.12")  # road unmoved elsewhere: stable, stored
+    _stored_result(loud, lm, cell, 20.0, 65.0, "2.13")  # road 15 points off elsewhere: too unstable to compare
+    assert main(["regression", "update", str(path), "--results", str(here), "--spread", str(calm), "--stored", str(out)]) == 0
+    assert "road" in json.loads(out.read_text())["rows"]["dinov2-tiny--freeze"]["targets"]["cityscapes"]
+    capsys.readouterr()
+    assert main(["regression", "update", str(path), "--results", str(here), "--spread", str(loud), "--stored", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "road" not in json.loads(out.read_text())["rows"]["dinov2-tiny--freeze"]["targets"]["cityscapes"]
+    assert "no longer stored (now too unstable to compare)" in said and "moved beyond" not in said
