@@ -392,7 +392,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         raise UserError(f"--seed must be in 0..2**63-1, got {args.seed}")
     out = Path(args.out)
     try:
-        roots = synthesize(out, seed=args.seed, images=args.images, train_images=args.train_images)
+        roots = synthesize(out, seed=args.seed, images=args.images, train_images=args.train_images, looks=args.looks)
     except (FileExistsError, NotADirectoryError, PermissionError) as e:
         raise UserError(f"cannot write the miniature under {out} ({e.strerror}); choose a writable --out "
                         "directory") from None
@@ -563,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "Mapillary val, each ACDC condition) and per unused training split (default: %(default)s)")
     synth.add_argument("--train-images", type=int, metavar="N", help="images of each training source (GTAV, "
                        "Cityscapes train) (default: twice --images)")
+    synth.add_argument("--looks", default="class", help="class: each class has its own colour family and texture; "
+                       "shuffled: each image gives its classes one another's looks, so only shape, position and "
+                       "context tell them apart (same labels; a diagnostic) (default: %(default)s)")
     synth.set_defaults(func=_cmd_synth)
     verify = dsub.add_parser("verify", help="check a data set tree: pairs, counts, label values, sizes",
                              description="Check a data set in its real layout: every image paired with a label, "

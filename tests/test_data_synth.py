@@ -227,3 +227,54 @@ def test_two_writers_of_one_empty_folder_generate_it_once_and_never_replace_it(t
         thread.join(30)
     assert written and len(set(written)) == len(written)  # every file rendered once, by one writer
     assert results[0] == results[1] and all(root.is_dir() for root in results[1].values())
+
+
+def _class_mean_colours(looks: str, images: int = 18) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the mean colour of road, sidewalk, building, vegetation and car in the GTAV images."""
+    classes = [CLASSES.index(c) for c in ("road", "sidewalk", "building", "vegetation", "car")]
+    colours, labels = [], []
+    for item in [i for i in synth_module.plan(0, 1, images, looks) if i.dataset == "gtav"]:
+        image, ids = synth_module.render(0, item)
+        train = synth_module.MAPILLARY_TO_TRAIN[ids]
+        for c in classes:
+            if (train == c).sum() > 20:
+                colours.append(image[train == c].mean(axis=0))
+                labels.append(c)
+    return np.array(colours), np.array(labels)
+
+
+def _nearest_mean_accuracy(x: np.ndarray, y: np.ndarray) -> float:
+    """Leave-one-out accuracy of telling a region's class from its mean colour (nearest class mean)."""
+    right = 0
+    for i in range(len(x)):
+        rest = np.arange(len(x)) != i
+        means = {c: x[rest & (y == c)].mean(axis=0) for c in np.unique(y)}
+        right += min(means, key=lambda c: np.linalg.norm(x[i] - means[c])) == y[i]
+    return right / len(x)
+
+
+def test_shuffled_looks_keep_every_label_and_take_colour_away_as_a_clue():
+    # same scenes and labels, other pixels
+    for item in synth_module.plan(0, 1, 2)[:3]:
+        image, ids = synth_module.render(0, item)
+        shuffled, shuffled_ids = synth_module.render(0, synth_module.replace(item, looks="shuffled"))
+        assert np.array_equal(ids, shuffled_ids)
+        assert np.abs(image.astype(int) - shuffled).mean() > 5
+    # a region's mean colour tells its class (5 classes, chance 0.2) with the classes' own looks, not shuffled
+    assert _nearest_mean_accuracy(*_class_mean_colours("class")) > 0.7
+    assert _nearest_mean_accuracy(*_class_mean_colours("shuffled")) < 0.4
+
+
+def test_shuffled_looks_are_their_own_tree_and_a_bad_value_is_refused(tmp_path):
+    synthesize(tmp_path, seed=0, images=1, train_images=1, progress=False)
+    plain = files(tmp_path / "gtav")
+    synthesize(tmp_path, seed=0, images=1, train_images=1, progress=False, looks="shuffled")
+    assert json.loads((tmp_path / "SYNTH.json").read_text())["looks"] == "shuffled"
+    shuffled = files(tmp_path / "gtav")
+    assert shuffled.keys() == plain.keys()
+    assert all(shuffled[k] == plain[k] for k in plain if k.startswith("labels/"))
+    assert any(shuffled[k] != plain[k] for k in plain if k.startswith("images/"))
+    synthesize(tmp_path, seed=0, images=1, train_images=1, progress=False)  # back to the class looks
+    assert files(tmp_path / "gtav") == plain and "looks" not in json.loads((tmp_path / "SYNTH.json").read_text())
+    with pytest.raises(UserError, match="--looks must be one of class, shuffled"):
+        synthesize(tmp_path / "other", looks="mixed", progress=False)

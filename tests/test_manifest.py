@@ -112,6 +112,13 @@ def test_cell_ids_are_stable_and_follow_what_changes_numbers(tmp_path):
     assert set(lr).isdisjoint(ids)
     workers = [c.id for c in load_manifest(write(tmp_path, GOOD + "execution: {num_workers: 7}\n")).cells()]
     assert workers == ids  # how a cell runs is not what it computes
+    shuffled = load_manifest(write(tmp_path, GOOD, protocol=PROTOCOL.replace(
+        "kind: miniature", "kind: miniature, synth_looks: shuffled")))
+    assert set(c.id for c in shuffled.cells()).isdisjoint(ids)  # other images: other cells
+    from fishertune.runner.data import miniature_dir
+
+    plain = load_manifest(write(tmp_path, GOOD)).manifest
+    assert miniature_dir(shuffled.manifest) == miniature_dir(plain).with_name(miniature_dir(plain).name + "-shuffled")
 
 
 def test_data_verify_command(synth_root, tmp_path, capsys):

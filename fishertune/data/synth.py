@@ -32,7 +32,7 @@ import math
 import os
 import shutil
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,10 @@ FIXED_SIZES = {"gtav": (256, 141), "cityscapes": (256, 128), "bdd100k": (256, 14
 CITIES = {"train": ("aachen", "bremen"), "val": ("frankfurt", "munster")}
 ATTEMPTS = 8  # scene draws per image at most, until every class it should show is visible
 MIN_PIXELS = 4
+#: ``class``: each class has its own colour family and texture, so a patch's look tells its class;
+#: ``shuffled``: each image gives its classes one another's looks (:func:`street.shuffled_looks`), so only
+#: shape, position and context do (a diagnostic of what the tiny models' pretraining is worth)
+LOOKS = ("class", "shuffled")
 
 #: Mapillary id -> train id, by the names of the official config (the generator draws Mapillary ids).
 MAPILLARY_TO_TRAIN = mapillary_to_train_id(mapillary_v12_config())
@@ -102,6 +106,7 @@ class Item:
     label: str
     size: tuple[int, int]
     style: str
+    looks: str = "class"  # "class" or "shuffled" (LOOKS)
 
 
 def item_rng(seed: int, dataset: str, split: str, group: str, index: int, purpose: str) -> np.random.Generator:
@@ -110,9 +115,13 @@ def item_rng(seed: int, dataset: str, split: str, group: str, index: int, purpos
     return np.random.default_rng([seed, *words, index])
 
 
-def plan(seed: int, images: int, train_images: int | None = None) -> list[Item]:
+def plan(seed: int, images: int, train_images: int | None = None, looks: str = "class") -> list[Item]:
     """Every file pair of the miniature, in writing order (``train_images`` defaults to ``2 * images``)."""
-    train_images = 2 * images if train_images is None else train_images
+    items = _plan(seed, images, 2 * images if train_images is None else train_images)
+    return items if looks == "class" else [replace(item, looks=looks) for item in items]
+
+
+def _plan(seed: int, images: int, train_images: int) -> list[Item]:
     items: list[Item] = []
     for i in range(train_images):
         name = f"{i + 1:05d}"
@@ -158,10 +167,12 @@ def render(seed: int, item: Item) -> tuple[np.ndarray, np.ndarray]:
     one is kept.
     """
     rng = item_rng(seed, item.dataset, item.split, item.group, item.index, "scene")
+    looks_rng = item_rng(seed, item.dataset, item.split, item.group, item.index, "looks") \
+        if item.looks == "shuffled" else None
     wanted = np.array(sorted(street.ALWAYS_CLASSES | street.FEATURE_CLASSES[item.index % 3]))
     best, best_missing = None, len(wanted) + 1
     for _ in range(ATTEMPTS):
-        view = compose(item, rng)
+        view = compose(item, rng, looks_rng)
         missing = int((np.bincount(view.train.ravel(), minlength=256)[wanted] < MIN_PIXELS).sum())
         if missing < best_missing:
             best, best_missing = view, missing
@@ -170,8 +181,10 @@ def render(seed: int, item: Item) -> tuple[np.ndarray, np.ndarray]:
     return apply_style(item.style, best, rng), best.ids
 
 
-def compose(item: Item, rng: np.random.Generator) -> Layers:
-    """Camera, scene, texture, roll and hood of one item, before its domain's style."""
+def compose(item: Item, rng: np.random.Generator, looks_rng: np.random.Generator | None = None) -> Layers:
+    """Camera, scene, texture, roll and hood of one item, before its domain's style; with ``looks_rng``
+    its classes' looks shuffled (:func:`street.shuffled_looks`, drawn from that generator, so that the
+    scene and its labels are those of the item's ``class`` looks)."""
     cams = CAMERAS[item.dataset]
     w, h = item.size
     roll = rng.uniform(-cams.roll, cams.roll)
@@ -183,8 +196,9 @@ def compose(item: Item, rng: np.random.Generator) -> Layers:
                        center=cw / 2 + rng.normal(0, cams.yaw) * w, focal=rng.uniform(*cams.focal) * max(w, h),
                        height_m=rng.uniform(*cams.height))
     drawn = street.Street(cam, rng, feature=item.index).render()
-    ids = np.asarray(drawn.ids)
-    layers = [Image.fromarray(street.texture(drawn, MAPILLARY_TO_TRAIN[ids], rng)), drawn.ids, drawn.depth, drawn.light]
+    train = MAPILLARY_TO_TRAIN[np.asarray(drawn.ids)]
+    looks = street.shuffled_looks(train, looks_rng) if looks_rng is not None else None
+    layers = [Image.fromarray(street.texture(drawn, train, rng, looks)), drawn.ids, drawn.depth, drawn.light]
     if roll:
         box = ((cw - w) // 2, (ch - h) // 2, (cw - w) // 2 + w, (ch - h) // 2 + h)
         resample = (Image.BILINEAR, Image.NEAREST, Image.NEAREST, Image.BILINEAR)
@@ -255,10 +269,11 @@ def counts(items: list[Item]) -> dict[str, dict[str, int]]:
 
 
 def synthesize(out: Path, seed: int = 0, images: int = 12, progress: bool = True, train_images: int | None = None,
-               workers: int | None = None) -> dict[str, Path]:
+               workers: int | None = None, looks: str = "class") -> dict[str, Path]:
     """Write the miniature under ``out`` and return the root of each data set by name: ``images`` per
     evaluation split, ``train_images`` (default ``2 * images``) per training source, rendered by
-    ``workers`` processes (default: the CPU's cores, at most 4; the files are the same for any number).
+    ``workers`` processes (default: the CPU's cores, at most 4; the files are the same for any number),
+    with the classes' ``looks`` of :data:`LOOKS` (the labels are the same for either).
 
     Returns at once if ``out/SYNTH.json`` records the same seed, counts and version. Refuses (with
     a :class:`UserError`) to replace data set folders in ``out`` that it did not write. Writing happens
@@ -269,9 +284,13 @@ def synthesize(out: Path, seed: int = 0, images: int = 12, progress: bool = True
     for flag, value in (("--images", images), ("--train-images", train_images)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    if looks not in LOOKS:
+        raise UserError(f"--looks must be one of {', '.join(LOOKS)}, got {looks!r}")
     out = Path(out)
     roots = {name: out / name for name in DATASETS}
     params = {"seed": seed, "images": images, "train_images": train_images, "version": VERSION}
+    if looks != "class":  # recorded only when not the default, so that existing trees keep their marker
+        params["looks"] = looks
     marker = out / MARKER
     if _marker(marker) == params and all(root.is_dir() for root in roots.values()):
         return roots
@@ -307,7 +326,7 @@ def _generate(out: Path, roots: dict[str, Path], params: dict, progress: bool, w
     tmp = out / f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     seed = params["seed"]
-    items = plan(seed, params["images"], params["train_images"])
+    items = plan(seed, params["images"], params["train_images"], params.get("looks", "class"))
     try:
         _write_items(tmp, seed, items, progress, workers)
         (tmp / "mapillary" / "config_v1.2.json").write_text(json.dumps(mapillary_v12_config(), indent=2) + "\n")
@@ -346,10 +365,11 @@ def _write_items(root: Path, seed: int, items: list[Item], progress: bool, worke
 
 
 def _marker(path: Path) -> dict | None:
-    """The seed, counts and version recorded in a marker, or None if absent or unreadable."""
+    """The seed, counts, version (and looks, if not ``class``) recorded in a marker, or None if absent or
+    unreadable."""
     try:
         data = json.loads(path.read_text())
-        return {k: data[k] for k in ("seed", "images", "train_images", "version")}
+        return {k: data[k] for k in ("seed", "images", "train_images", "version", "looks") if k != "looks" or k in data}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -34,7 +34,8 @@ DATA_KIND = {"miniature": "the generated miniature (tiny foundation models pretr
 def miniature_counts(data: dict[str, Any]) -> str:
     """``synth seed 0, 200 source / 50 target images``: a miniature cell's ``config.data`` in words."""
     train = data.get("synth_train_images", 2 * data["synth_images"])
-    return f"synth seed {data['synth_seed']}, {train} source / {data['synth_images']} target images per split"
+    looks = f", {data['synth_looks']} looks" if data.get("synth_looks", "class") != "class" else ""
+    return f"synth seed {data['synth_seed']}, {train} source / {data['synth_images']} target images per split{looks}"
 
 
 def _fmt(ours: float | None, paper: float | None, mark: str = "", est: Estimate | None = None) -> str:

@@ -30,7 +30,8 @@ def miniature_dir(m: Manifest) -> Path:
     from fishertune.data.synth import VERSION
 
     train = m.data.synth_train_images or 2 * m.data.synth_images
-    return cache_dir() / f"synth-v{VERSION}-seed{m.data.synth_seed}-n{m.data.synth_images}-t{train}"
+    looks = "" if m.data.synth_looks == "class" else f"-{m.data.synth_looks}"
+    return cache_dir() / f"synth-v{VERSION}-seed{m.data.synth_seed}-n{m.data.synth_images}-t{train}{looks}"
 
 
 def data_roots(m: Manifest, names: list[str], progress: bool = True) -> dict[str, Path]:
@@ -38,7 +39,7 @@ def data_roots(m: Manifest, names: list[str], progress: bool = True) -> dict[str
     if m.data.kind == "miniature":
         base = Path(m.data.root).expanduser() if m.data.root else miniature_dir(m)
         roots = synthesize(base, seed=m.data.synth_seed, images=m.data.synth_images, progress=progress,
-                           train_images=m.data.synth_train_images)
+                           train_images=m.data.synth_train_images, looks=m.data.synth_looks)
         return {name: Path(roots[name]) for name in names}
     base = m.data.root or os.environ.get(DATA_ENV)
     out = {}

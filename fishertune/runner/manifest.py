@@ -50,6 +50,11 @@ class DataConfig(Strict):
     synth_images: int = Field(12, ge=2, description="miniature: images per evaluation split (per ACDC condition)")
     synth_train_images: int | None = Field(None, ge=2, description="miniature: images of each training source "
                                            "(GTAV, Cityscapes train); null: twice synth_images")
+    synth_looks: Literal["class", "shuffled"] = Field(
+        "class", description="miniature: class (each class has its own colour family and texture, so a patch's "
+        "look tells its class) or shuffled (each image gives its classes one another's looks, so only shape, "
+        "position and context tell them apart; the labels are the same: a diagnostic of what pretraining is "
+        "worth, fishertune/data/synthetic/street.py)")
     subset: int | None = Field(None, gt=0, description="use a deterministic, class-balanced subset of this many "
                                "images of the source and of each target (per ACDC condition); null: all. "
                                "Results and tables say so")
@@ -534,7 +539,9 @@ class LoadedManifest:
                         "data": {"kind": m.data.kind}
                         | ({"synth_seed": m.data.synth_seed, "synth_images": m.data.synth_images,
                             "synth_train_images": m.data.synth_train_images or 2 * m.data.synth_images,
-                            "synth_version": SYNTH_VERSION} if m.data.kind == "miniature" else {})
+                            "synth_version": SYNTH_VERSION}
+                           | ({"synth_looks": m.data.synth_looks} if m.data.synth_looks != "class" else {})
+                           if m.data.kind == "miniature" else {})
                         | ({"subset": m.data.subset} if m.data.subset else {}),
                     }
                     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]

@@ -5,7 +5,9 @@ tram rails), curbs, sidewalks, optional terrain strips, facades with windows and
 buildings where it ends, walls, fences, guard rails, trees, poles with traffic lights, signs and
 lamps, and vehicles, people and two-wheelers (:mod:`~fishertune.data.synthetic.actors`). Objects are
 drawn far to near (painter's algorithm). :func:`texture` then gives each class its own texture, so
-that a small model can learn the classes from few images.
+that a small model can learn the classes from few images; with the permutation of
+:func:`shuffled_looks` it gives each class the colour and texture of another class instead, so that only
+shape, position and context tell the classes apart.
 
 ``feature`` (0, 1, 2) puts a group of rarer classes into the scene (:data:`FEATURE_CLASSES`):
 0 = tram on rails, wall, bicyclist; 1 = bus, fence, motorcyclist; 2 = truck, terrain, parked bicycle
@@ -277,9 +279,39 @@ class Street:
                 self.add(z, self.actors.two_wheeler, kind, curb + 0.8, z, False)
 
 
-def texture(canvas: Canvas, train: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The canvas colour with per-class texture (asphalt grain, paving, leaves, ...), uint8."""
+#: classes whose look :func:`shuffled_looks` never moves: the sky is painted by the domain's style afterwards
+FIXED_LOOK_CLASSES = frozenset({CLASSES.index("sky")})
+
+
+def shuffled_looks(train: np.ndarray, rng: np.random.Generator) -> dict[int, int]:
+    """A random permutation of the classes present in ``train`` (train ids, sky and ignore left out):
+    class -> the class whose look (mean colour and texture) it takes in :func:`texture`.
+
+    The diagnostic miniature of ``data.synth_looks: shuffled``: across images a class's colour and
+    texture say nothing about it, as in the real world a car's colour says little; what stays is its
+    shape, its size at its depth, where it stands and what stands around it. The permutation includes
+    fixed points (a class keeps its own look with probability 1/n for n classes present)."""
+    present = [int(c) for c in np.unique(train) if c < len(CLASSES) and int(c) not in FIXED_LOOK_CLASSES]
+    return dict(zip(present, (int(d) for d in rng.permutation(present))))
+
+
+def texture(canvas: Canvas, train: np.ndarray, rng: np.random.Generator,
+            looks: dict[int, int] | None = None) -> np.ndarray:
+    """The canvas colour with per-class texture (asphalt grain, paving, leaves, ...), uint8.
+
+    ``looks`` (from :func:`shuffled_looks`) gives class ``c`` the look of class ``looks[c]``: its pixels
+    are shifted by the difference of the two classes' mean colours in this image (details and shading
+    kept) and take that class's texture. The random draws are the same with and without ``looks``, so
+    the scene and its labels do not change."""
     rgb = np.asarray(canvas.rgb, dtype=np.float32)
+    if looks:
+        means = {c: rgb[train == c].mean(axis=0) for c in set(looks) | set(looks.values())}
+        shifted = rgb.copy()
+        for c, d in looks.items():
+            if c != d:
+                mask = train == c
+                shifted[mask] += means[d] - means[c]
+        rgb = np.clip(shifted, 0, 255)
     h, w = train.shape
     grain = rng.standard_normal((h, w)).astype(np.float32)
     small = rng.standard_normal((max(h // 6, 2), max(w // 6, 2))).astype(np.float32)
@@ -299,7 +331,11 @@ def texture(canvas: Canvas, train: np.ndarray, rng: np.random.Generator) -> np.n
               12: ("grain", 0.04), 13: ("smooth", 0.06), 14: ("grain", 0.03), 15: ("smooth", 0.04),
               16: ("smooth", 0.03)}
     factor = np.ones((h, w), dtype=np.float32)
-    for cls, (name, strength) in recipe.items():
+    for cls in sorted(set(recipe) | set(looks or {})):
+        donor = (looks or {}).get(cls, cls)
+        if donor not in recipe:
+            continue
+        name, strength = recipe[donor]
         mask = train == cls
         if mask.any():
             factor[mask] += strength * patterns[name][mask]
