@@ -7,9 +7,12 @@ already finished are reused, so after the main job this runs only what it adds):
 
 1. **Pretraining matters**: each family's frozen tiny foundation model against the same architecture
    frozen at random initialisation (``benchmarks/mini/signal-random.yaml``), same head, budget and
-   data; the ratio of their average mIoU (target: at least 2). Beside it (1b) the same pair with a
+   data, over seeds 42, 43, 44; the ratio of their average mIoU (target: at least 2). Beside it (1b) the same pair with a
    linear probe instead of the Mask2Former head (``probe.yaml``, ``probe-random.yaml``): what the
-   frozen features hold linearly, apart from what the head learns to make of them.
+   frozen features hold linearly, apart from what the head learns to make of them. And (1c) both pairs
+   again on the miniature with its classes' looks shuffled (``looks-shuffled*.yaml``: each image gives
+   its classes one another's colour and texture, the labels unchanged): what the frozen features are
+   worth once a patch's look no longer tells its class.
 2. **Signal**: the best cell of the mini Table 1 (target: an average mIoU of at least 35).
 3. **Seed spread**: the standard deviation over 3 seeds of the average mIoU of full, freeze and
    fishertune on two families (target: at most 1.0).
@@ -34,6 +37,8 @@ MINI = ROOT / "benchmarks" / "mini"
 SPREAD_ROWS = ("full", "freeze", "fishertune")
 SPREAD_BACKBONES = ("sam-tiny", "dinov2-tiny")
 TARGETS = {"ratio": 2.0, "best": 35.0, "seed_std": 1.0, "env": 0.5}
+#: figure 1c's manifests: the freeze row on the miniature with shuffled class looks, pretrained and random, two heads
+LOOKS_MANIFESTS = ("looks-shuffled", "looks-shuffled-random", "looks-shuffled-probe", "looks-shuffled-probe-random")
 
 
 def _run(python: str, manifest: Path, results: Path, only: list[str], extra: list[str] = ()) -> None:
@@ -70,18 +75,69 @@ def _probe_lines(main_rows: list[dict], random_rows: list[dict], probe: list[dic
              "| --- | --- | --- | --- | --- |"]
     ratios = []
     for b in sorted({r["backbone"] for r in probe}):
-        pre, rnd = _avg(probe, b, "freeze"), _avg(probe_random, b, "freeze")
-        m_pre, m_rnd = _avg(main_rows, b, "freeze"), _avg(random_rows, b, "freeze")
-        ratio = pre / rnd if pre is not None and rnd else None
-        m_ratio = m_pre / m_rnd if m_pre is not None and m_rnd else None
-        ratios.append(ratio)
-        fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
-        lines.append(f"| {b} | {fmt(pre, '.1f')} | {fmt(rnd, '.1f')} | {fmt(ratio, '.2f')} | {fmt(m_ratio, '.2f')} |")
-    valid = [x for x in ratios if x is not None]
-    if valid:
-        lines += ["", f"Probe ratio at or above 2: {sum(x >= TARGETS['ratio'] for x in valid)} of {len(valid)} "
-                      f"(mean {statistics.fmean(valid):.2f})."]
+        pre, rnd, ratio_text, ratio = _pair(probe, probe_random, b)
+        if ratio is not None:
+            ratios.append(ratio)
+        lines.append(f"| {b} | {pre} | {rnd} | {ratio_text} | {_pair(main_rows, random_rows, b)[2]} |")
+    if ratios:
+        lines += ["", f"Probe ratio at or above 2: {sum(x >= TARGETS['ratio'] for x in ratios)} of {len(ratios)} "
+                      f"(mean {statistics.fmean(ratios):.2f})."]
     return lines + [""]
+
+
+def _seeds(rows: list[dict], backbone: str, row: str) -> dict[int, float]:
+    """Average mIoU by seed (42, 43, 44) of one row of one family."""
+    return {r["seed"]: r["aggregate"]["miou"] for r in rows
+            if r["backbone"] == backbone and r["row"] == row and r["seed"] in (42, 43, 44)}
+
+
+def _pair(pre_rows: list[dict], rnd_rows: list[dict], backbone: str) -> tuple[str, str, str, float | None]:
+    """Pretrained and random-init frozen cells over their seeds: 'mean +- std' of each, and the ratio of the
+    means with the range of the per-seed ratios (seed s pretrained over seed s random)."""
+    pre, rnd = _seeds(pre_rows, backbone, "freeze"), _seeds(rnd_rows, backbone, "freeze")
+
+    def cell(v: dict[int, float]) -> str:
+        if not v:
+            return "-"
+        sd = f" +- {statistics.stdev(v.values()):.1f}" if len(v) > 1 else ""
+        return f"{statistics.fmean(v.values()):.1f}{sd}"
+
+    if not pre or not rnd:
+        return cell(pre), cell(rnd), "-", None
+    ratio = statistics.fmean(pre.values()) / statistics.fmean(rnd.values())
+    per_seed = [pre[s] / rnd[s] for s in sorted(pre.keys() & rnd.keys())]
+    spread = f" [{min(per_seed):.2f}, {max(per_seed):.2f}]" if len(per_seed) > 1 else ""
+    return cell(pre), cell(rnd), f"{ratio:.2f}{spread}", ratio
+
+
+def _looks_lines(rows: dict[str, list[dict]]) -> list[str]:
+    """Figure 1c: figure 1's and 1b's pairs on the miniature with shuffled class looks, over seeds 42-44,
+    beside the same ratios with the classes' own looks. ``rows``: results by manifest stem."""
+    n_seeds = len({r["seed"] for r in rows["looks-shuffled"]})
+    lines = ["### 1c. The same pairs when a patch's look no longer tells its class", "",
+             "The miniature with its classes' looks shuffled (`benchmarks/mini/looks-shuffled*.yaml`, "
+             "`data.synth_looks: shuffled`): every image gives its classes one another's colour and texture, the "
+             "scenes and labels unchanged, so only shape, position and context tell the classes apart. The tiny "
+             "models are the same, pretrained in the world of the classes' own looks. Average mIoU as mean +- std "
+             f"over {n_seeds} seed(s); ratio: of the means, frozen pretrained over frozen random init, with the range "
+             "of the per-seed ratios; \"own looks\": the same ratio with the classes' own looks (figures 1 and 1b).", "",
+             "| family | Mask2Former: pretrained | random init | ratio | own looks | "
+             "linear probe: pretrained | random init | ratio | own looks |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    pairs = (("looks-shuffled", "looks-shuffled-random", "table1", "signal-random"),
+             ("looks-shuffled-probe", "looks-shuffled-probe-random", "probe", "probe-random"))
+    ratios: dict[str, list[float]] = {"Mask2Former": [], "linear probe": []}
+    for b in sorted({r["backbone"] for r in rows["looks-shuffled"]}):
+        cells = []
+        for (pre, rnd, own_pre, own_rnd), name in zip(pairs, ratios):
+            p, r, ratio_text, ratio = _pair(rows[pre], rows[rnd], b)
+            if ratio is not None:
+                ratios[name].append(ratio)
+            cells += [p, r, ratio_text, _pair(rows[own_pre], rows[own_rnd], b)[2].split(" ")[0]]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    summary = [f"With shuffled looks, {name} ratio at or above 2: {sum(x >= TARGETS['ratio'] for x in valid)} of "
+               f"{len(valid)} (mean {statistics.fmean(valid):.2f})." for name, valid in ratios.items() if valid]
+    return lines + ["", " ".join(summary), ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     _run(here, MINI / "signal-random.yaml", results, ["*"])
     _run(here, MINI / "probe.yaml", results, ["*"])
     _run(here, MINI / "probe-random.yaml", results, ["*"])
+    for stem in LOOKS_MANIFESTS:  # figure 1c, over 3 seeds, beside the own-looks pairs over the same seeds
+        _run(here, MINI / f"{stem}.yaml", results, ["*"], ["--seeds", "3"])
+    for manifest in (table1, MINI / "signal-random.yaml", MINI / "probe.yaml", MINI / "probe-random.yaml"):
+        _run(here, manifest, results, ["*--freeze--*"], ["--seeds", "3"])
     _run(here, table1, results, spread_cells, ["--seeds", "3"])
     threads = results.parent / f"{results.name}-threads2"
     _run(here, table1, threads, spread_cells, ["--threads", "2", "--jobs", "1"])
@@ -119,19 +179,22 @@ def main(argv: list[str] | None = None) -> int:
              f"on top of finished cells), torch {torch.__version__}, {main_rows[0]['device']}.", ""]
 
     lines += ["## 1. Frozen pretrained vs frozen random initialisation (target: ratio >= 2)", "",
+              "Average mIoU of the freeze row, mean +- std over seeds 42, 43, 44; ratio: of the means, with the range "
+              "of the per-seed ratios (seed s pretrained over seed s at random initialisation).", "",
               "| family | frozen pretrained | frozen random init | ratio |", "| --- | --- | --- | --- |"]
     ratios = []
-    for r in sorted(random_rows, key=lambda r: r["backbone"]):
-        pre = _avg(main_rows, r["backbone"], "freeze")
-        ratio = pre / r["aggregate"]["miou"] if pre and r["aggregate"]["miou"] else None
-        ratios.append(ratio)
-        lines.append(f"| {r['backbone']} | {pre:.1f} | {r['aggregate']['miou']:.1f} | "
-                     f"{'-' if ratio is None else f'{ratio:.2f}'} |")
-    valid = [x for x in ratios if x is not None]
-    lines += ["", f"Mean ratio {statistics.fmean(valid):.2f}; families at or above 2: "
-                  f"{sum(x >= TARGETS['ratio'] for x in valid)} of {len(valid)}.", ""]
-    lines += _probe_lines(main_rows, random_rows, _results(results, MINI / "probe.yaml"),
-                          _results(results, MINI / "probe-random.yaml"))
+    for b in sorted({r["backbone"] for r in random_rows}):
+        pre, rnd, ratio_text, ratio = _pair(main_rows, random_rows, b)
+        if ratio is not None:
+            ratios.append(ratio)
+        lines.append(f"| {b} | {pre} | {rnd} | {ratio_text} |")
+    lines += ["", f"Mean ratio {statistics.fmean(ratios):.2f}; families at or above 2: "
+                  f"{sum(x >= TARGETS['ratio'] for x in ratios)} of {len(ratios)}.", ""]
+    probe_rows, probe_random_rows = _results(results, MINI / "probe.yaml"), _results(results, MINI / "probe-random.yaml")
+    lines += _probe_lines(main_rows, random_rows, probe_rows, probe_random_rows)
+    lines += _looks_lines({"table1": main_rows, "signal-random": random_rows, "probe": probe_rows,
+                           "probe-random": probe_random_rows}
+                          | {stem: _results(results, MINI / f"{stem}.yaml") for stem in LOOKS_MANIFESTS})
 
     best = max((r for r in main_rows if r["seed"] == 42), key=lambda r: r["aggregate"]["miou"])
     lines += ["## 2. The best mini Table 1 cell (target: >= 35)", "",
