@@ -338,6 +338,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_tiny_pretrain(args: argparse.Namespace) -> int:
     from fishertune.pretrain import RECIPES
     from fishertune.pretrain.loop import TINY_DIR, pretrain, write_model
+    from fishertune.pretrain.world import WorldConfig
     from fishertune.runner.data import cache_dir
 
     if args.all == bool(args.backbone):
@@ -347,6 +348,10 @@ def _cmd_tiny_pretrain(args: argparse.Namespace) -> int:
     for name in names:
         cls = RECIPES.get(name, "fishertune tiny pretrain")
         overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
+        if args.world_shuffled_looks is not None:
+            if not 0 <= args.world_shuffled_looks <= 1:
+                raise UserError(f"--world-shuffled-looks must be a share between 0 and 1, got {args.world_shuffled_looks}")
+            overrides["world"] = WorldConfig(shuffled_looks=args.world_shuffled_looks)
         cfg = cls.Config(**overrides)
         recipe = cls(cfg, teacher_dir=out) if cls.needs else cls(cfg)
         command = "fishertune " + shlex.join(args.argv)
@@ -635,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     tpre.add_argument("--steps", type=int, metavar="N", help="override the recipe's steps (changes its hash: the "
                       "shipped models use the recipes' defaults)")
     tpre.add_argument("--batch-size", type=int, metavar="N", help="override the recipe's batch size (changes its hash)")
+    tpre.add_argument("--world-shuffled-looks", type=float, metavar="P", help="share of the world's scenes whose "
+                      "classes take one another's colour and texture (default 0; changes the hash and the pool)")
     tpre.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's)")
     tpre.set_defaults(func=_cmd_tiny_pretrain)
     tlist = tsub.add_parser("list", help="the shipped tiny models: recipe, steps, final loss, time, whether the card "

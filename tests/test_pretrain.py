@@ -42,6 +42,21 @@ def test_world_scenes_are_deterministic_and_give_segments_and_captions():
     assert set(a.caption.replace(",", " ").split()) <= words
 
 
+def test_a_world_with_shuffled_looks_changes_only_the_colours_of_its_share_of_scenes(tmp_path):
+    plain = [draw_scene(0, i) for i in range(12)]
+    half = [draw_scene(0, i, shuffled_looks=0.5) for i in range(12)]
+    changed = [not np.array_equal(a.image, b.image) for a, b in zip(plain, half)]
+    assert 2 <= sum(changed) <= 10  # about half, decided per scene
+    assert all(np.array_equal(a.segments, b.segments) and a.caption == b.caption for a, b in zip(plain, half))
+    assert all(np.array_equal(a.image, draw_scene(0, i, 0.0).image) for i, a in enumerate(plain[:3]))
+    # a world setting added later stays out of the recipe hash at its default (the shipped cards keep theirs)
+    assert "shuffled_looks" not in WorldConfig().identity() and WorldConfig(shuffled_looks=0.5).identity()["shuffled_looks"]
+    cls = RECIPES.get("mae-tiny", "test")
+    assert cls(cls.Config(world=WorldConfig(shuffled_looks=0.5))).recipe_hash() != cls().recipe_hash()
+    pool = WorldPool(WorldConfig(size=4, shuffled_looks=1.0), tmp_path, progress=False, workers=1)
+    assert pool.path.name.endswith("-looks1.npz") and not np.array_equal(pool.image(0), plain[0].image)
+
+
 def test_world_never_draws_a_benchmark_image(synth_root):
     """No scene of the world is an image of the miniature (the seed sequences differ in shape and tag)."""
     from PIL import Image

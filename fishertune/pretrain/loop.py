@@ -95,7 +95,8 @@ class Recipe:
     def identity(self) -> dict[str, Any]:
         return {"recipe": self.name, "version": self.version, "backbone": self.backbone,
                 "architecture": architecture(self.backbone), "world_version": WORLD_VERSION,
-                "settings": self.cfg.model_dump(mode="json"), **self.extra_identity()}
+                "settings": self.cfg.model_dump(mode="json") | {"world": self.cfg.world.identity()},
+                **self.extra_identity()}
 
     def recipe_hash(self) -> str:
         return config_digest(self.identity())

@@ -60,6 +60,7 @@ from fishertune.progress import bar
 VERSION = 1
 #: the first word of every pretraining scene's seed sequence (never a benchmark seed's shape)
 WORLD_TAG = zlib.crc32(b"fishertune pretraining world")
+LOOKS_TAG = zlib.crc32(b"shuffled looks")  # the fourth word of a scene's looks generator
 #: frame sizes (width, height) drawn per scene: wide, square and portrait
 SIZES = ((160, 96), (144, 112), (128, 128), (176, 88), (112, 144), (192, 108))
 
@@ -70,6 +71,17 @@ class WorldConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     seed: int = Field(0, description="world seed (scenes are disjoint from the benchmark's for any seed)")
     size: int = Field(6000, gt=0, description="scenes in the pool")
+    shuffled_looks: float = Field(0.0, ge=0, le=1, description="share of scenes whose classes take one another's "
+                                  "colour and texture (fishertune.data.synthetic.street.shuffled_looks), so that "
+                                  "colour and texture say less about what a thing is")
+
+    def identity(self) -> dict:
+        """The settings that decide the scenes; a field added later is left out at its default, so that the
+        recipe hashes of the weights made before it are unchanged."""
+        out = self.model_dump(mode="json")
+        if not self.shuffled_looks:
+            out.pop("shuffled_looks")
+        return out
 
 
 @dataclass
@@ -89,8 +101,10 @@ def scene_rng(seed: int, index: int) -> np.random.Generator:
 # -- cameras and scenes --------------------------------------------------------------------------------
 
 
-def draw_layers(rng: np.random.Generator) -> tuple[Layers, str]:
-    """A scene from a random camera and frame, before any style, and the word for its viewpoint."""
+def draw_layers(rng: np.random.Generator, looks_rng: np.random.Generator | None = None) -> tuple[Layers, str]:
+    """A scene from a random camera and frame, before any style, and the word for its viewpoint; with
+    ``looks_rng``, its classes' looks shuffled (:func:`street.shuffled_looks` draws from it, so the scene
+    stays the one of ``rng``)."""
     w, h = SIZES[rng.integers(len(SIZES))]
     roll = rng.uniform(-15, 15) if rng.random() < 0.5 else 0.0
     rad = math.radians(abs(roll))
@@ -103,7 +117,9 @@ def draw_layers(rng: np.random.Generator) -> tuple[Layers, str]:
     ids = np.asarray(drawn.ids)
     from fishertune.data.synth import MAPILLARY_TO_TRAIN  # the generator's own texture keys
 
-    layers = [Image.fromarray(street.texture(drawn, MAPILLARY_TO_TRAIN[ids], rng)), drawn.ids, drawn.depth, drawn.light]
+    looks = street.shuffled_looks(MAPILLARY_TO_TRAIN[ids], looks_rng) if looks_rng is not None else None
+    layers = [Image.fromarray(street.texture(drawn, MAPILLARY_TO_TRAIN[ids], rng, looks)), drawn.ids, drawn.depth,
+              drawn.light]
     if roll:
         box = ((cw - w) // 2, (ch - h) // 2, (cw - w) // 2 + w, (ch - h) // 2 + h)
         resample = (Image.BILINEAR, Image.NEAREST, Image.NEAREST, Image.BILINEAR)
@@ -258,10 +274,15 @@ def caption_of(ids: np.ndarray, words: dict[str, str], rng: np.random.Generator)
     return f"{head} with " + (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1])
 
 
-def draw_scene(seed: int, index: int) -> Scene:
-    """Scene ``index`` of the world of ``seed`` (deterministic)."""
+def draw_scene(seed: int, index: int, shuffled_looks: float = 0.0) -> Scene:
+    """Scene ``index`` of the world of ``seed`` (deterministic); with probability ``shuffled_looks`` its
+    classes' looks shuffled (decided by a generator of its own, so the scenes are the same for any share)."""
     rng = scene_rng(seed, index)
-    layers, view = draw_layers(rng)
+    looks_rng = None
+    if shuffled_looks:
+        looks_rng = np.random.default_rng([WORLD_TAG, seed, index, LOOKS_TAG])
+        looks_rng = looks_rng if looks_rng.random() < shuffled_looks else None
+    layers, view = draw_layers(rng, looks_rng)
     image, words = random_style(layers, rng)
     words["view"] = view
     return Scene(image=image, segments=segments_of(layers.ids), caption=caption_of(layers.ids, words, rng))
@@ -270,9 +291,9 @@ def draw_scene(seed: int, index: int) -> Scene:
 # -- the pool ------------------------------------------------------------------------------------------
 
 
-def _draw_many(args: tuple[int, int, int]) -> list[Scene]:
-    seed, start, stop = args
-    return [draw_scene(seed, i) for i in range(start, stop)]
+def _draw_many(args: tuple[int, int, int, float]) -> list[Scene]:
+    seed, start, stop, shuffled_looks = args
+    return [draw_scene(seed, i, shuffled_looks) for i in range(start, stop)]
 
 
 class WorldPool:
@@ -285,7 +306,8 @@ class WorldPool:
 
     def __init__(self, cfg: WorldConfig, cache: Path, progress: bool = True, workers: int | None = None):
         self.cfg = cfg
-        self.path = Path(cache) / "pretrain-world" / f"v{VERSION}-seed{cfg.seed}-n{cfg.size}.npz"
+        looks = f"-looks{cfg.shuffled_looks:g}" if cfg.shuffled_looks else ""
+        self.path = Path(cache) / "pretrain-world" / f"v{VERSION}-seed{cfg.seed}-n{cfg.size}{looks}.npz"
         if not self.path.is_file():
             self._generate(progress, workers or min(os.cpu_count() or 1, 4))
         with np.load(self.path, allow_pickle=False) as data:
@@ -312,7 +334,8 @@ class WorldPool:
         from concurrent.futures import ProcessPoolExecutor
 
         chunk = 50
-        jobs = [(self.cfg.seed, a, min(a + chunk, self.cfg.size)) for a in range(0, self.cfg.size, chunk)]
+        jobs = [(self.cfg.seed, a, min(a + chunk, self.cfg.size), self.cfg.shuffled_looks)
+                for a in range(0, self.cfg.size, chunk)]
         scenes: list[Scene] = []
         with bar(total=self.cfg.size, desc="pretraining world", unit="scene", disable=not progress or None) as pbar:
             if workers > 1:
