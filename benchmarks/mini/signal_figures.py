@@ -19,6 +19,8 @@ already finished are reused, so after the main job this runs only what it adds):
 4. **Environment spread**: the same cells (seed 42) with 1 and with 2 CPU threads, and with another
    torch minor version (``--other-python``: the python of a second venv with that torch); how far each
    cell's average moves (target: at most 0.5).
+5. Figures 3 and 4 again on the miniature with shuffled looks (``looks-shuffled-table1.yaml``), for
+   the two families whose pretraining is worth most there: whether that miniature is a steadier instrument.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ SPREAD_BACKBONES = ("sam-tiny", "dinov2-tiny")
 TARGETS = {"ratio": 2.0, "best": 35.0, "seed_std": 1.0, "env": 0.5}
 #: figure 1c's manifests: the freeze row on the miniature with shuffled class looks, pretrained and random, two heads
 LOOKS_MANIFESTS = ("looks-shuffled", "looks-shuffled-random", "looks-shuffled-probe", "looks-shuffled-probe-random")
+#: figure 5: the spread figures again on the shuffled-looks miniature, for the families pretraining helps most there
+LOOKS_TABLE1 = MINI / "looks-shuffled-table1.yaml"
+LOOKS_SPREAD_BACKBONES = ("eva02-tiny", "mae-tiny")
 
 
 def _run(python: str, manifest: Path, results: Path, only: list[str], extra: list[str] = ()) -> None:
@@ -140,6 +145,47 @@ def _looks_lines(rows: dict[str, list[dict]]) -> list[str]:
     return lines + ["", " ".join(summary), ""]
 
 
+def _seed_spread_lines(rows: list[dict], backbones: tuple[str, ...]) -> list[str]:
+    """Figure 3's table: each spread cell's average mIoU over seeds 42-44 and their standard deviation."""
+    lines = ["| cell | seeds 42, 43, 44 | mean | std |", "| --- | --- | --- | --- |"]
+    stds = []
+    for b in backbones:
+        for row in SPREAD_ROWS:
+            values = [v for v in (_avg(rows, b, row, s) for s in (42, 43, 44)) if v is not None]
+            sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+            stds.append(sd)
+            lines.append(f"| {b} {row} | {', '.join(f'{v:.2f}' for v in values)} | {statistics.fmean(values):.2f} | "
+                         f"{sd:.2f} |")
+    return lines + ["", f"Largest: {max(stds):.2f}.", ""]
+
+
+def _env_spread_lines(rows: list[dict], threads: Path, other: Path | None, manifest: Path,
+                      backbones: tuple[str, ...]) -> list[str]:
+    """Figure 4's table: how far each spread cell's seed-42 average moves with 2 threads and another torch."""
+    import torch
+
+    variants = [("2 threads instead of 1", _results(threads, manifest))]
+    if other is not None:
+        other_rows = _results(other, manifest)
+        variants.append((f"torch {other_rows[0]['versions']['torch']} instead of {torch.__version__}", other_rows))
+    lines = ["| cell | this run | " + " | ".join(name for name, _ in variants) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in variants) + " |"]
+    worst = {name: 0.0 for name, _ in variants}
+    for b in backbones:
+        for row in SPREAD_ROWS:
+            base = _avg(rows, b, row)
+            cells = []
+            for name, variant in variants:
+                v = _avg(variant, b, row)
+                worst[name] = max(worst[name], abs(v - base))
+                cells.append(f"{v:.2f} ({v - base:+.2f})")
+            lines.append(f"| {b} {row} | {base:.2f} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"Largest move with {name}: {w:.2f}." for name, w in worst.items()]
+    if other is None:
+        lines.append("Another torch minor version: not measured in this run (give --other-python).")
+    return lines + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default=str(ROOT / "results" / "runs"), help="results root (default: %(default)s)")
@@ -152,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     here = sys.executable
     table1 = MINI / "table1.yaml"
-    spread_cells = [f"{b}--{r}--*" for b in SPREAD_BACKBONES for r in SPREAD_ROWS]
 
     _run(here, table1, results, ["*"])  # the main job (reused when done)
     _run(here, MINI / "signal-random.yaml", results, ["*"])
@@ -162,13 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         _run(here, MINI / f"{stem}.yaml", results, ["*"], ["--seeds", "3"])
     for manifest in (table1, MINI / "signal-random.yaml", MINI / "probe.yaml", MINI / "probe-random.yaml"):
         _run(here, manifest, results, ["*--freeze--*"], ["--seeds", "3"])
-    _run(here, table1, results, spread_cells, ["--seeds", "3"])
     threads = results.parent / f"{results.name}-threads2"
-    _run(here, table1, threads, spread_cells, ["--threads", "2", "--jobs", "1"])
-    other = None
-    if args.other_python:
-        other = results.parent / f"{results.name}-other-torch"
-        _run(args.other_python, table1, other, spread_cells)
+    other = results.parent / f"{results.name}-other-torch" if args.other_python else None
+    for manifest, backbones in ((table1, SPREAD_BACKBONES), (LOOKS_TABLE1, LOOKS_SPREAD_BACKBONES)):
+        cells = [f"{b}--{r}--*" for b in backbones for r in SPREAD_ROWS]
+        _run(here, manifest, results, cells, ["--seeds", "3"])
+        _run(here, manifest, threads, cells, ["--threads", "2", "--jobs", "1"])
+        if other is not None:
+            _run(args.other_python, manifest, other, cells)
 
     import torch
 
@@ -201,39 +247,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{best['backbone']} {best['row']}: average mIoU {best['aggregate']['miou']:.1f} "
               "(" + ", ".join(f"{t} {v['miou']:.1f}" for t, v in best["targets"].items()) + ").", ""]
 
-    lines += ["## 3. Seed spread: standard deviation of the average mIoU over 3 seeds (target: <= 1.0)", "",
-              "| cell | seeds 42, 43, 44 | mean | std |", "| --- | --- | --- | --- |"]
-    stds = []
-    for b in SPREAD_BACKBONES:
-        for row in SPREAD_ROWS:
-            values = [_avg(main_rows, b, row, s) for s in (42, 43, 44)]
-            values = [v for v in values if v is not None]
-            sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-            stds.append(sd)
-            lines.append(f"| {b} {row} | {', '.join(f'{v:.2f}' for v in values)} | {statistics.fmean(values):.2f} | "
-                         f"{sd:.2f} |")
-    lines += ["", f"Largest: {max(stds):.2f}.", ""]
-
+    lines += ["## 3. Seed spread: standard deviation of the average mIoU over 3 seeds (target: <= 1.0)", ""]
+    lines += _seed_spread_lines(main_rows, SPREAD_BACKBONES)
     lines += ["## 4. Environment spread: the same cells, seed 42, elsewhere (target: each moves <= 0.5)", ""]
-    variants = [("2 threads instead of 1", _results(threads, table1))]
-    if other is not None:
-        other_rows = _results(other, table1)
-        variants.append((f"torch {other_rows[0]['versions']['torch']} instead of {torch.__version__}", other_rows))
-    header = "| cell | this run | " + " | ".join(name for name, _ in variants) + " |"
-    lines += [header, "| --- | --- | " + " | ".join("---" for _ in variants) + " |"]
-    worst = {name: 0.0 for name, _ in variants}
-    for b in SPREAD_BACKBONES:
-        for row in SPREAD_ROWS:
-            base = _avg(main_rows, b, row)
-            cells = []
-            for name, rows in variants:
-                v = _avg(rows, b, row)
-                worst[name] = max(worst[name], abs(v - base))
-                cells.append(f"{v:.2f} ({v - base:+.2f})")
-            lines.append(f"| {b} {row} | {base:.2f} | " + " | ".join(cells) + " |")
-    lines += [""] + [f"Largest move with {name}: {w:.2f}." for name, w in worst.items()]
-    if other is None:
-        lines.append("Another torch minor version: not measured in this run (give --other-python).")
+    lines += _env_spread_lines(main_rows, threads, other, table1, SPREAD_BACKBONES)
+    looks_rows = _results(results, LOOKS_TABLE1)
+    lines += ["## 5. Seed and environment spread on the miniature with shuffled looks", "",
+              f"Figures 3 and 4 for full, freeze and FisherTune on {' and '.join(LOOKS_SPREAD_BACKBONES)}, the families "
+              "whose pretraining is worth most there (figure 1c), from `benchmarks/mini/looks-shuffled-table1.yaml`.", ""]
+    lines += _seed_spread_lines(looks_rows, LOOKS_SPREAD_BACKBONES)
+    lines += _env_spread_lines(looks_rows, threads, other, LOOKS_TABLE1, LOOKS_SPREAD_BACKBONES)
     out = Path(args.out)
     atomic_write_text(out, "\n".join(lines) + "\n")  # the runner's writer: a killed run leaves the old report
     print(f"wrote {out}")
