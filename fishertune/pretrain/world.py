@@ -13,7 +13,9 @@ broader than the benchmark, so that no benchmark domain is the pretraining domai
 * **lighting**: daylight to night (scaled down, lights glowing), a directional gradient across the
   frame, vignetting;
 * **weather**: clear, fog of random colour and visibility, rain streaks, snow cover and flakes;
-* **sensor**: Gaussian noise, blur and JPEG compression of random strength.
+* **sensor**: Gaussian noise, blur and JPEG compression of random strength;
+* optionally (``WorldConfig.shuffled_looks``, off for the shipped models) a share of scenes whose classes
+  take one another's colour and texture, as the benchmark's diagnostic ``data.synth_looks: shuffled``.
 
 The benchmark's own looks (``fishertune.data.synthetic.styles``: GTAV, Cityscapes, BDD100K,
 Mapillary, ACDC's conditions) are never applied as such; the world reuses their building blocks
