@@ -48,7 +48,6 @@ def test_a_world_with_shuffled_looks_changes_only_the_colours_of_its_share_of_sc
     changed = [not np.array_equal(a.image, b.image) for a, b in zip(plain, half)]
     assert 2 <= sum(changed) <= 10  # about half, decided per scene
     assert all(np.array_equal(a.segments, b.segments) and a.caption == b.caption for a, b in zip(plain, half))
-    assert all(np.array_equal(a.image, draw_scene(0, i, 0.0).image) for i, a in enumerate(plain[:3]))
     # a world setting added later stays out of the recipe hash at its default (the shipped cards keep theirs)
     assert "shuffled_looks" not in WorldConfig().identity() and WorldConfig(shuffled_looks=0.5).identity()["shuffled_looks"]
     cls = RECIPES.get("mae-tiny", "test")

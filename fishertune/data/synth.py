@@ -369,7 +369,8 @@ def _marker(path: Path) -> dict | None:
     unreadable."""
     try:
         data = json.loads(path.read_text())
-        return {k: data[k] for k in ("seed", "images", "train_images", "version", "looks") if k != "looks" or k in data}
+        return {k: data[k] for k in ("seed", "images", "train_images", "version")} | (
+            {"looks": data["looks"]} if "looks" in data else {})
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
