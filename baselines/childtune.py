@@ -39,6 +39,7 @@ import torch
 from pydantic import Field
 
 from fishertune.fisher.sparse import block_parameters, budget_elements, topk_mask
+from fishertune.precision import to_compute
 from fishertune.progress import bar
 from fishertune.tuning import MethodConfig, TuningMethod, register_method
 
@@ -64,12 +65,12 @@ def squared_gradient_scores(segmentor: torch.nn.Module, params: dict[str, torch.
 
     Reads batches until ``images`` images have been seen (the last batch cut to the remainder). Only
     ``params`` get gradients during the pass (the other parameters' ``requires_grad`` is restored
-    afterwards); gradients are cleared and the model left in train mode. Returns (float32 scores
-    shaped as the parameters, N).
+    afterwards); gradients are cleared and the model left in train mode. Returns (scores in the compute
+    dtype, float32 or float64 in an fp64 cell, shaped as the parameters, N).
     """
     flags = [(p, p.requires_grad) for p in segmentor.parameters()]
     chosen = {id(p) for p in params.values()}
-    scores = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    scores = {name: torch.zeros_like(p, dtype=torch.get_default_dtype()) for name, p in params.items()}
     tensors = list(params.values())
     n_batches = seen = 0
     try:
@@ -80,14 +81,14 @@ def squared_gradient_scores(segmentor: torch.nn.Module, params: dict[str, torch.
         progress = bar(total=images, desc=desc, unit="img")
         for x, y in batches:
             x, y = x[: images - seen], y[: images - seen]
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_compute(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
             segmentor.loss(x, y).backward()
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
             if max_grad_norm is not None:
                 norms = torch._foreach_norm(grads)
                 coefs = [torch.clamp(max_grad_norm / (n + 1e-6), max=1.0) for n in norms]
                 torch._foreach_mul_(grads, coefs)
-            torch._foreach_addcmul_(list(scores.values()), grads, grads)  # float32 grads: exact g * g
+            torch._foreach_addcmul_(list(scores.values()), grads, grads)  # grads in the compute dtype: exact g * g
             for p in tensors:
                 p.grad = None
             n_batches += 1

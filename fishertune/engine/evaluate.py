@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from fishertune.data import NUM_CLASSES, TestResize, to_tensor
 from fishertune.engine.metrics import confusion_matrix, iou_per_class, mean_iou
+from fishertune.precision import autocast, to_compute
 from fishertune.progress import bar
 
 
@@ -48,7 +49,7 @@ def slide_logits(model: torch.nn.Module, image: torch.Tensor, num_classes: int, 
             win = image[:, :, y : y + crop, x : x + crop]
             pad_h, pad_w = crop - win.shape[-2], crop - win.shape[-1]
             windows.append(F.pad(win, (0, pad_w, 0, pad_h)) if pad_h or pad_w else win)
-        out = model(torch.cat(windows)).float()
+        out = to_compute(model(torch.cat(windows)))
         for (y, x), win_logits in zip(chunk, out):
             hh, ww = min(crop, h - y), min(crop, w - x)
             logits[0, :, y : y + hh, x : x + ww] += win_logits[:, :hh, :ww]
@@ -65,9 +66,7 @@ def predict(model: torch.nn.Module, image: np.ndarray, label_shape: tuple[int, i
     """The train-id map (``label_shape``, uint8) that evaluation predicts for one ``H x W x 3`` uint8 image:
     ratio-keeping :class:`TestResize` to ``test_size``, :func:`slide_logits`, logits resized bilinearly to
     ``label_shape``, arg-max. :func:`evaluate` scores exactly this. ``model`` should be in eval mode."""
-    x = to_tensor(TestResize(test_size)(image)).unsqueeze(0).to(device)
-    from fishertune.engine.train import autocast
-
+    x = to_compute(to_tensor(TestResize(test_size)(image)).unsqueeze(0).to(device))
     with autocast(device, precision):
         logits = slide_logits(model, x, num_classes, crop, stride, batch)
     logits = F.interpolate(logits, size=tuple(int(n) for n in label_shape), mode="bilinear", align_corners=False)

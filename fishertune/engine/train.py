@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +34,7 @@ from fishertune.engine.checkpoint import (Checkpoint, load_trainable_state, rng_
                                           trainable_state)
 from fishertune.engine.optim import build_optimizer, build_scheduler
 from fishertune.errors import UserError
+from fishertune.precision import autocast, to_compute  # noqa: F401  (autocast: engine.train's name, kept)
 from fishertune.progress import bar as progress_bar
 from fishertune.tensorfile import first_line
 
@@ -145,15 +146,6 @@ class LossModule(torch.nn.Module):
         return self.segmentor.loss(images, labels)
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on ``device`` for ``precision == "bf16"``; nothing for fp32."""
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"unknown precision {precision!r}; fp32 or bf16")
-
-
 def _check_window(window: torch.Tensor, n: int, first_it: int, last_finite: tuple[int, float] | None):
     """Read the losses of one interval (one host sync); raise :class:`NonFiniteLoss` at the first bad one.
     Returns their mean and the last finite ``(iteration, loss)``."""
@@ -220,7 +212,7 @@ def train(segmentor: torch.nn.Module, method, dataset, transform: TrainTransform
         window[:pending] = saved["window"].to(device)
     bar = progress_bar(batches, total=iterations, initial=start, desc=desc, unit="it")
     for it, (images, labels) in enumerate(bar, start=start):
-        images = images.to(device, non_blocking=True)
+        images = to_compute(images.to(device, non_blocking=True))  # float64 in an fp64 cell
         labels = labels.to(device, non_blocking=True)
         with autocast(device, precision):
             loss = model(images, labels)
@@ -233,7 +225,7 @@ def train(segmentor: torch.nn.Module, method, dataset, transform: TrainTransform
             optimizer.grow({params[name]: idx for name, idx in grown.items()})
         optimizer.step()
         scheduler.step()
-        window[pending] = loss.detach().float()
+        window[pending] = loss.detach()
         pending += 1
         done = it + 1
         if done % log_every == 0 or done == iterations:

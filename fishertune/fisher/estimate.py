@@ -7,8 +7,9 @@ Direct (:func:`direct_fisher`). The diagonal of
 
 estimated from squared *per-image* gradients averaged over the N images seen:
 F_i = (1 / (N D)) sum_n sum_d (dL(x_n, y_nd) / dtheta_i)^2, one backward pass per image (the images of
-a batch are taken one at a time: exact per-sample gradients, no vmap), accumulated in float32 in
-tensors shaped like the parameters. L(x, y) is the segmentor's own training loss
+a batch are taken one at a time: exact per-sample gradients, no vmap), accumulated in the compute
+dtype (float32; float64 in an fp64 cell) in tensors shaped like the parameters. L(x, y) is the
+segmentor's own training loss
 (``segmentor.loss(x[n:n+1], y[n:n+1])``, e.g. the mean per-pixel cross-entropy of the light head or
 Mask2Former's matched losses), so a "sample" is one image and its label map, not one pixel.
 Labels:
@@ -110,6 +111,7 @@ from safetensors.torch import save_file
 
 from fishertune.errors import UserError
 from fishertune.fisher.shift import DomainShift
+from fishertune.precision import to_compute
 from fishertune.progress import bar
 from fishertune.tensorfile import DamagedFile, first_line, load_safetensors
 
@@ -125,7 +127,8 @@ ScoreKind = Literal["auto", "logits", "probabilities"]
 # --------------------------------------------------------------------------------------------- result
 @dataclass
 class FisherEstimate:
-    """Per-parameter estimates (float32, shaped like the parameters) and how they were made."""
+    """Per-parameter estimates (in the compute dtype: float32, float64 in an fp64 cell; shaped like the
+    parameters) and how they were made."""
 
     fisher: Tensors  # F(x): direct, or gamma (Lambda_x - tau^-2)
     fisher_shift: Tensors | None = None  # F(x') likewise, when a shift was used
@@ -200,7 +203,7 @@ def _pairs(a: Tensors, b: Tensors) -> Iterator[tuple[str, torch.Tensor, torch.Te
         y = b[name]
         if x.shape != y.shape:
             raise ValueError(f"{name}: shapes {tuple(x.shape)} and {tuple(y.shape)} differ")
-        yield name, x.float(), y.float()
+        yield name, to_compute(x), to_compute(y)
 
 
 def delta_fim(f_x: Tensors, f_shift: Tensors, eps: float) -> Tensors:
@@ -231,7 +234,7 @@ def _take(batches: Iterable, images: int | None, device: torch.device) -> Iterat
             x, y = x[: images - seen], y[: images - seen]
         if x.shape[0] == 0:
             break
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        yield to_compute(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)  # float64 in an fp64 cell
         seen += x.shape[0]
         if images is not None and seen >= images:
             return
@@ -285,7 +288,7 @@ def _score_kind(segmentor: torch.nn.Module, scores: ScoreKind) -> str:
 
 def class_probabilities(scores: torch.Tensor, kind: Literal["logits", "probabilities"]) -> torch.Tensor:
     """B x K x H x W per-pixel distribution: softmax of logits, or non-negative scores normalised."""
-    s = scores.float()
+    s = to_compute(scores)
     if kind == "logits":
         return s.softmax(dim=1)
     s = s.clamp_min(0) + 1e-12  # a pixel without any score gets the uniform distribution
@@ -318,7 +321,7 @@ def _square_grads(segmentor, tensors: list[torch.Tensor], acc: list[torch.Tensor
         return
     for a, g in zip(acc, torch.autograd.grad(loss, tensors, allow_unused=True)):
         if g is not None:
-            g = g.float()
+            g = to_compute(g)
             a.addcmul_(g, g)
 
 
@@ -340,8 +343,8 @@ def direct_fisher(segmentor: torch.nn.Module, params: Tensors, batches: Iterable
     names, tensors = _check_params(params)
     device = device if device is not None else tensors[0].device
     kind = _score_kind(segmentor, scores)
-    acc = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
-    acc_shift = [torch.zeros_like(p, dtype=torch.float32) for p in tensors] if shift is not None else None
+    acc = [torch.zeros_like(p, dtype=torch.get_default_dtype()) for p in tensors]
+    acc_shift = [torch.zeros_like(p, dtype=torch.get_default_dtype()) for p in tensors] if shift is not None else None
     seen, size_mu, size_sigma = 0, 0.0, 0.0
     with _estimation_mode(segmentor, params):
         progress = bar(total=images, desc=desc, unit="img")
@@ -416,11 +419,12 @@ def _precision(segmentor, tensors: list[torch.Tensor], data: list, *, gamma: flo
                samples: int, lr: float, mean_lr: float, optimise_mean: bool, init_scale: float,
                average_from: float, antithetic: bool, curvature: str, noise: torch.Generator,
                progress) -> list[torch.Tensor]:
-    """Lambda (float32, shaped as the parameters) minimising E_q[L] + gamma KL(q || p); weights restored."""
+    """Lambda (the compute dtype, shaped as the parameters) minimising E_q[L] + gamma KL(q || p); weights restored."""
     originals = [p.detach().clone() for p in tensors]
-    prior = [o if o.dtype == torch.float32 else o.float() for o in originals]  # theta_pretrained
-    mean = [o.float().clone() for o in originals]
-    log_lam = [torch.full_like(o, math.log(init_scale) - 2 * math.log(tau), dtype=torch.float32) for o in originals]
+    prior = [to_compute(o) for o in originals]  # theta_pretrained
+    mean = [to_compute(o).clone() for o in originals]
+    start = math.log(init_scale) - 2 * math.log(tau)
+    log_lam = [torch.full_like(o, start, dtype=torch.get_default_dtype()) for o in originals]
     groups = [{"params": log_lam, "lr": lr}]
     if optimise_mean:
         groups.append({"params": mean, "lr": mean_lr})
@@ -451,7 +455,7 @@ def _precision(segmentor, tensors: list[torch.Tensor], data: list, *, gamma: flo
                             grads = torch.autograd.grad(loss, tensors, allow_unused=True)
                             for gm, gl, g, sd in zip(g_mean, g_log, grads, std):
                                 if g is not None:
-                                    g = g.float()
+                                    g = to_compute(g)
                                     gm.add_(g, alpha=1 / b)
                                     # d/ds 1/2 F exp(-s) = -1/2 F / Lambda, F = g^2
                                     gl.addcmul_(g, g * sd * sd, value=-0.5 / b)
@@ -462,7 +466,7 @@ def _precision(segmentor, tensors: list[torch.Tensor], data: list, *, gamma: flo
                     grads = torch.autograd.grad(loss, tensors, allow_unused=True)
                     for gm, gl, g, sd, ei in zip(g_mean, g_log, grads, std, e):
                         if g is not None:
-                            g = g.float()
+                            g = to_compute(g)
                             gm.add_(g)
                             gl.add_(g * ei * sd, alpha=-0.5 * sign)  # dtheta/ds = -e sqrt(1/Lambda) / 2
             with torch.no_grad():

@@ -63,6 +63,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fishertune.errors import UserError
+from fishertune.precision import to_compute
 
 EPS = 1e-6  # DSU's eps, in the standard deviations and in the size measure
 SIGMA_FLOOR = 0.01  # sigma' >= SIGMA_FLOOR * sigma in the style shift
@@ -72,7 +73,7 @@ Sizes = tuple[float, float]
 
 def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image per-channel mean and std (B x C), DSU's: std = sqrt(unbiased var over H x W + 1e-6)."""
-    x = images.float()
+    x = to_compute(images)
     return x.mean(dim=(2, 3)), (x.var(dim=(2, 3)) + EPS).sqrt()
 
 
@@ -96,7 +97,8 @@ def _spread(images: torch.Tensor, reference) -> tuple[torch.Tensor, torch.Tensor
     if reference is None:
         return batch_spread(images)
     s_mu, s_sigma = reference
-    return s_mu.to(images.device, torch.float32), s_sigma.to(images.device, torch.float32)
+    dtype = torch.get_default_dtype()
+    return s_mu.to(images.device, dtype), s_sigma.to(images.device, dtype)
 
 
 def _draw(kind: str, shape, generator: torch.Generator | None, device: torch.device, **kw) -> torch.Tensor:
@@ -131,7 +133,7 @@ def style_shift(images: torch.Tensor, generator: torch.Generator | None = None,
     e_sigma = _draw("randn", (b, c), generator, images.device)
     mu2 = mu + e_mu * s_mu
     sigma2 = torch.maximum(sigma + e_sigma * s_sigma, SIGMA_FLOOR * sigma)
-    x = images.float()
+    x = to_compute(images)
     out = (x - mu[..., None, None]) / sigma[..., None, None] * sigma2[..., None, None] + mu2[..., None, None]
     out = out.to(images.dtype)
     return out, shift_sizes(images, out, reference)
@@ -145,7 +147,7 @@ def photometric_shift(images: torch.Tensor, brightness: float, contrast: float,
     b = images.shape[0]
     c = 1 + contrast * (2 * _draw("rand", (b,), generator, images.device) - 1)
     add = brightness * (2 * _draw("rand", (b,), generator, images.device) - 1)
-    x = images.float()
+    x = to_compute(images)
     m = mu[..., None, None]
     out = ((x - m) * c[:, None, None, None] + m + add[:, None, None, None]).to(images.dtype)
     return out, shift_sizes(images, out, reference)
@@ -164,7 +166,7 @@ def fourier_shift(images: torch.Tensor, beta: float, mix: float = 1.0, generator
     bsz, _, h, w = images.shape
     n = int(math.floor(min(h, w) * beta))
     r = int(_draw("randint", (1,), generator, torch.device("cpu"), low=1, high=bsz))
-    x = images.float()
+    x = to_compute(images)
     spec = torch.fft.rfft2(x)
     amp, phase = spec.abs(), spec.angle()
     other = amp.roll(-r, dims=0)  # other[b] = amp[(b + r) mod B]

@@ -74,8 +74,8 @@ def mean_over_processes(count, device: torch.device):
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # made on the device (a tensor from a host number would be a copy the step waits for)
-        total = (count.to(torch.float32).clone() if isinstance(count, torch.Tensor)
-                 else torch.full((), float(count), dtype=torch.float32, device=device))
+        total = (count.to(torch.get_default_dtype()).clone() if isinstance(count, torch.Tensor)
+                 else torch.full((), float(count), dtype=torch.get_default_dtype(), device=device))
         dist.all_reduce(total)
         return (total / dist.get_world_size()).clamp(min=1.0)
     return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)

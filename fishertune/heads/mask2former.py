@@ -43,6 +43,7 @@ from fishertune.heads.base import HEADS, DecodeHead, mean_over_processes
 from fishertune.heads.matcher import (HungarianMatcher, dice_loss, point_sample, sigmoid_bce_loss,
                                       uncertain_point_coords)
 from fishertune.heads.msdeform import MSDeformAttnPixelDecoder, sine_position_encoding
+from fishertune.precision import to_compute
 
 QueryProvider = Callable[[int], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -253,8 +254,8 @@ class Mask2FormerHead(DecodeHead):
             class_target[i, qi] = classes[gi]
             preds.append(mask_logits[i, qi])
             gts.append(masks[gi])
-        loss_cls = F.cross_entropy(cls_logits.flatten(0, 1).float(), class_target.flatten(),
-                                   weight=self.ce_weight.float())
+        loss_cls = F.cross_entropy(to_compute(cls_logits.flatten(0, 1)), class_target.flatten(),
+                                   weight=to_compute(self.ce_weight))
         preds = torch.cat(preds)
         if preds.shape[0] == 0:  # no labelled pixel in the batch: keep the graph, add nothing
             zero = mask_logits.sum() * 0

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from fishertune.precision import to_compute
+
 
 def point_sample(maps: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """``maps`` N x C x H x W, ``coords`` N x P x 2 in [0, 1] -> N x C x P (bilinear, zeros outside)."""
@@ -93,9 +95,9 @@ class HungarianMatcher:
         if coords is None:
             coords = torch.rand(1, self.num_points, 2, device=mask_logits.device)
         q, g = mask_logits.shape[0], gt_masks.shape[0]
-        pred = point_sample(mask_logits.unsqueeze(1).float(), coords.expand(q, -1, -1)).squeeze(1)
-        tgt = point_sample(gt_masks.unsqueeze(1).float(), coords.expand(g, -1, -1)).squeeze(1)
-        cls_cost = -cls_logits.float().softmax(-1)[:, gt_labels]
+        pred = point_sample(to_compute(mask_logits.unsqueeze(1)), coords.expand(q, -1, -1)).squeeze(1)
+        tgt = point_sample(to_compute(gt_masks.unsqueeze(1)), coords.expand(g, -1, -1)).squeeze(1)
+        cls_cost = -to_compute(cls_logits).softmax(-1)[:, gt_labels]
         return (self.class_weight * cls_cost + self.mask_weight * bce_cost(pred, tgt)
                 + self.dice_weight * dice_cost(pred, tgt))
 

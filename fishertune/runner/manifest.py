@@ -93,8 +93,10 @@ class TrainConfig(Strict):
     cat_max_ratio: float = Field(gt=0, le=1, description="max share of one class in a crop (0.75)")
     flip_prob: float = Field(ge=0, le=1, description="horizontal flip probability")
     photometric: bool = Field(description="mmseg photometric distortion on/off")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32 (Rein) or bf16 autocast of forward "
-                                               "and loss, in training and evaluation (weights and optimizer fp32)")
+    precision: Literal["fp32", "bf16", "fp64"] = Field(
+        "fp32", description="fp32 (Rein); bf16 autocast of forward and loss, in training and evaluation (weights and "
+        "optimizer fp32); or fp64: everything in float64, so that a tiny model's numbers no longer depend on the "
+        "thread count or the torch version (about 1.6x the CPU time; fishertune/precision.py)")
 
     @model_validator(mode="after")
     def _sizes(self) -> "TrainConfig":

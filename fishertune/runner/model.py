@@ -44,6 +44,7 @@ import torch
 from fishertune.backbones import BACKBONES, build_backbone
 from fishertune.backbones.registry import weights_path
 from fishertune.backbones.weights import file_sha256
+from fishertune.precision import compute_dtype
 from fishertune.data import NUM_CLASSES
 from fishertune.errors import UserError
 from fishertune.heads import build_head
@@ -321,7 +322,8 @@ def load_model(model: Path, device: torch.device, weights: str | os.PathLike | N
         raise UserError(f"{kept}: its sha256 is not the one its card records; the file was changed or damaged: "
                         "export the model again")
     ctx = MethodContext(device=device, seed=config["seed"])
-    segmentor, _, built = build_segmentor(config, path, device, ctx, where=str(model / CARD_FILE), digest=True)
+    with compute_dtype(card["inference"]["precision"]):  # an fp64 cell's model is rebuilt in float64, as it trained
+        segmentor, _, built = build_segmentor(config, path, device, ctx, where=str(model / CARD_FILE), digest=True)
     if built != card["pretrained"]["state_sha256"]:
         commit = (card.get("git") or {}).get("commit")
         if path is None:

@@ -23,6 +23,7 @@ from fishertune.data.files import read_image
 from fishertune.data.labels import colourize
 from fishertune.engine.evaluate import predict
 from fishertune.errors import UserError
+from fishertune.precision import compute_dtype
 from fishertune.progress import bar
 from fishertune.runner.environment import cpu_threads, resolve_device
 from fishertune.runner.model import load_model
@@ -99,7 +100,7 @@ def predict_images(model: str | os.PathLike, inputs: list[str | os.PathLike], ou
         raise UserError(f"--test-size {test_size[0]} {test_size[1]}: both bounds must be positive")
     out = Path(out)
     written: list[Path] = []
-    with cpu_threads(inference["threads"]):
+    with cpu_threads(inference["threads"]), compute_dtype(inference["precision"]):
         for path, stem in bar(images, desc="predict", unit="img"):
             image = _open(path)
             ids = predict(segmentor, image, image.shape[:2], test_size, inference["crop_size"], inference["stride"],

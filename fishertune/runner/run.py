@@ -24,6 +24,7 @@ from fishertune.engine.evaluate import evaluate
 from fishertune.engine.checkpoint import Checkpoint
 from fishertune.engine.train import NonFiniteLoss, source_batches, train, world
 from fishertune.errors import UserError
+from fishertune.precision import compute_dtype
 from fishertune.progress import bar, enabled
 from fishertune.runner.data import cache_dir, generated, open_datasets
 from fishertune.runner.environment import (agree, barrier, cpu_threads, device_name, git_state, init_distributed,
@@ -133,7 +134,15 @@ def run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torc
     target are saved beside it (:func:`save_predictions`), and, unless ``execution.keep_model`` is false,
     the trained model (:func:`keep_model`), before the record is returned. With
     ``checkpoint``, training saves its state there and continues from it when it exists. In a
-    distributed run every process trains and process 0 alone evaluates; the others return None."""
+    distributed run every process trains and process 0 alone evaluates; the others return None.
+    The cell runs in its precision's compute dtype (:func:`fishertune.precision.compute_dtype`: float64
+    for ``fp64``)."""
+    with compute_dtype(lm.manifest.train.precision):
+        return _run_cell(lm, cell, source, targets, device, result_path, checkpoint)
+
+
+def _run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: torch.device,
+              result_path: Path | None, checkpoint: Checkpoint | None) -> dict[str, Any] | None:
     m = lm.manifest
     ex = m.execution
     started = time.perf_counter()

@@ -1,0 +1,61 @@
+"""A cell's compute precision: ``fp32`` (Rein's and the paper's), ``bf16`` autocast, or ``fp64``.
+
+``fp64`` exists for the miniature, measured (``results/perf/mini-signal.md``, figure 6): a tiny model
+trained for a few hundred steps from a handful of images turns the last bit of a float32 sum into a
+whole mIoU point. The thread count (how a CPU reduction splits its sums), the torch version and the
+CPU's vector width all change those bits, and every near-tie of a discrete step (Hungarian matching,
+the point sampling's top-k, an arg-max) then sends the run elsewhere. In float64 the same differences
+are 2^29 times smaller and no longer reach the numbers: a cell gives the same mIoU with 1 or 2 threads
+and under another torch minor version. It costs about 1.6x the time on a CPU; it is not a setting for
+full-size models (the paper trains in fp32; a GPU's fp64 is slow and changes nothing there).
+
+How it works: the cell runs with ``torch.get_default_dtype()`` set to float64 (:func:`compute_dtype`),
+so the backbone, the head and every module a method adds are built in float64 (pretrained files are
+converted as they are loaded), and the code that used to write ``.float()`` (upcasting bf16 results
+for a loss, a cost matrix or an estimate) writes :func:`to_compute` instead: the default dtype, so
+float32 in fp32 and bf16 cells exactly as before, float64 in fp64 cells. Images leave the data
+pipeline as float32 and are converted where they enter the model (training and evaluation).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp64")
+
+
+def check(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
+
+
+@contextmanager
+def compute_dtype(precision: str) -> Iterator[torch.dtype]:
+    """Set torch's default dtype for a cell of ``precision`` (float64 for ``fp64``, float32 otherwise),
+    restoring the previous one afterwards; yields the dtype."""
+    check(precision)
+    dtype = torch.float64 if precision == "fp64" else torch.float32
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield dtype
+    finally:
+        torch.set_default_dtype(before)
+
+
+def to_compute(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the compute dtype (torch's default dtype; ``x`` itself when it already is): what
+    ``x.float()`` is in fp32 and bf16 cells, float64 in fp64 cells."""
+    dtype = torch.get_default_dtype()
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on ``device`` for ``precision == "bf16"``; nothing for fp32 and fp64."""
+    check(precision)
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
