@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +236,30 @@ def test_bad_export_and_predict_requests_are_one_line_and_exit_2(kept, tmp_path,
     assert main(["predict", str(damaged), image, "--out", str(tmp_path / "p")]) == 2
     assert "sha256 is not the one its card records" in _one_error(capsys)
     assert not (tmp_path / "p").exists()
+
+
+def test_a_finished_cell_is_reused_only_with_the_weights_file_it_trained_from(kept, tmp_path, capsys, synth_root,
+                                                                               synth_images):
+    """A cell's id holds its config, not the checkpoint a manifest's ``weights`` names: rerunning into the same
+    results with another file for the backbone is refused in one line before anything runs; the same bytes
+    under another path are the same weights, and the finished cells are skipped."""
+    runs = kept["tmp"] / "runs"
+    _, result = kept["cells"]["lora"]
+    assert result["weights_file"]["sha256"] == hashlib.sha256(kept["weights"].read_bytes()).hexdigest()
+    before = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
+    other = _tiny_checkpoint(tmp_path / "dinov2-tiny-8.safetensors", 8)
+    changed = _manifest(tmp_path, "kept", synth_root, synth_images, extra=f"weights: {{dinov2-tiny: {other}}}\n")
+    assert main(["run", str(changed), "--results", str(runs), "--no-render"]) == 2
+    line = _one_error(capsys)
+    assert "finished with the weights" in line and str(kept["weights"]) in line and str(other) in line
+    # nothing ran, nothing was written
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} == before
+    copy = tmp_path / "moved" / kept["weights"].name
+    copy.parent.mkdir()
+    shutil.copyfile(kept["weights"], copy)
+    moved = _manifest(tmp_path, "kept", synth_root, synth_images, extra=f"weights: {{dinov2-tiny: {copy}}}\n")
+    assert {s for _, s in run_manifest(load_manifest(moved), str(runs), progress=False)} == {"skipped"}
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} == before
 
 
 def test_model_cards_are_never_taken_for_results(kept):

@@ -135,8 +135,13 @@ def pretrained_record(config: dict[str, Any], path: Path | None, built: str) -> 
     from, and the sha256 of the backbone as built (:func:`state_sha256`)."""
     if path is None:
         return {"file": None, "init": "random", "seed": config["seed"], "state_sha256": built}
+    return {**file_record(path), "state_sha256": built}
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """A pretrained file as a result and a card record it: name, resolved path, bytes, sha256."""
     return {"file": path.name, "path": str(Path(path).resolve()), "bytes": path.stat().st_size,
-            "sha256": cached_sha256(path), "state_sha256": built}
+            "sha256": cached_sha256(path)}
 
 
 # ------------------------------------------------------------------------------------ keeping

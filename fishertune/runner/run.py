@@ -31,8 +31,8 @@ from fishertune.runner.environment import (agree, barrier, cpu_threads, device_n
                                            package_versions, resolve_device)
 from fishertune.runner.lock import CellLock
 from fishertune.runner.manifest import Cell, LoadedManifest
-from fishertune.runner.model import (MODEL_FORMAT, MODEL_VERSION, build_segmentor, model_dir, pretrained_file,
-                                     pretrained_record, save_model)
+from fishertune.runner.model import (MODEL_FORMAT, MODEL_VERSION, build_segmentor, cached_sha256, file_record,
+                                     model_dir, pretrained_file, pretrained_record, save_model)
 from fishertune.runner.store import ResultStore, atomic_write
 from fishertune.tuning import MethodContext, parameter_counts
 
@@ -179,6 +179,7 @@ def _run_cell(lm: LoadedManifest, cell: Cell, source, targets: dict, device: tor
         "predictions": predictions,
         "aggregate": {"name": m.aggregate, "miou": aggregate},
         "params": params,
+        "weights_file": _weights_file(lm, cell),
         "train": {"seconds": stats.seconds, "losses": stats.losses, "source_images": len(source),
                   "source_subset": m.data.subset, "resumed_from": stats.resumed_from},
         **_where(device, started, world()[1]),
@@ -209,6 +210,38 @@ def keep_model(lm: LoadedManifest, cell: Cell, result_path: Path, segmentor, met
                       "eval_batch": m.execution.eval_batch, "threads": m.execution.threads},
     }
     return {"path": folder.name, **save_model(folder, segmentor, method, card)}
+
+
+def _weights_file(lm: LoadedManifest, cell: Cell) -> dict[str, Any] | None:
+    """The pretrained file the cell is built from (:func:`file_record`), None for a random initialisation."""
+    path = pretrained_file(cell.config, lm.manifest.weights.get(cell.backbone))
+    return file_record(path) if path is not None else None
+
+
+def _check_reuse(lm: LoadedManifest, store: ResultStore, cells: list[Cell]) -> None:
+    """A finished cell is reused only with the pretrained file it was trained from: a cell's id holds its
+    config, not the file a manifest's ``weights`` (or ``$FISHERTUNE_WEIGHTS``) points to, so another
+    checkpoint for the same backbone would otherwise skip every finished cell and mix two models' numbers
+    in one table. Compared by size, then sha256 (cached); results written before the record existed, and
+    cells whose file is absent now, are not checked. Raises one :class:`UserError` naming the first cell
+    that differs."""
+    for cell in cells:
+        result = store.read(cell.id)
+        recorded = (result or {}).get("weights_file")
+        if not recorded:
+            continue
+        try:
+            path = pretrained_file(cell.config, lm.manifest.weights.get(cell.backbone))
+        except UserError:  # no file here now: nothing trains, so a finished sweep is still read as it is
+            continue
+        if path is None:
+            continue
+        if path.stat().st_size == recorded["bytes"] and cached_sha256(path) == recorded["sha256"]:
+            continue
+        raise UserError(f"{store.path(cell.id)}: cell {cell.id} finished with the weights {recorded['path']} "
+                        f"(sha256 {recorded['sha256'][:12]}), but {cell.backbone}'s weights are now {path} "
+                        f"(sha256 {cached_sha256(path)[:12]}); run into another --results folder, or delete that "
+                        "cell's result to train it again from the new file")
 
 
 def _identity(lm: LoadedManifest, cell: Cell, status: str) -> dict[str, Any]:
@@ -331,6 +364,7 @@ def run_manifest(lm: LoadedManifest, results: str, only: list[str] | None = None
 
     pending = [c for c in cells if not finished(c)]
     outcome = [(c, "skipped") for c in cells if finished(c)]
+    _check_reuse(lm, store, [c for c, _ in outcome if store.status(c.id) == "done"])
     if not pending:
         return outcome
     _check_weights(lm, pending)  # pre-flight, before any training
