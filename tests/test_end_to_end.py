@@ -17,6 +17,7 @@ from fishertune.runner.run import run_manifest, select_cells
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "benchmarks" / "mini" / "table1.yaml"
+MINI_FP64 = ROOT / "benchmarks" / "mini" / "table1-fp64.yaml"
 
 #: the rows CI runs, each with 3 seeds (CI's time allows 18 of the mini table's cells): on SAM, whose
 #: windowed blocks take the token methods' most particular path, full, freeze, LoRA, Rein and FisherTune
@@ -93,6 +94,35 @@ def test_numbers_match_the_stored_regression_numbers_within_their_bands(mini_run
     ci_rows = {f"{c.backbone}--{c.row}" for c in select_cells(lm.cells(), CI_CELLS)}
     assert ci_rows <= set(record["rows"]) and all(len(record["rows"][r]["cells"]) == CI_SEEDS for r in ci_rows)
     assert record["made_with"]["torch"] and record["spread_from"], "stored without measured environment spread"
+
+
+@pytest.fixture(scope="module")
+def mini_run_fp64(tmp_path_factory, monkeypatch_module, mini_run):
+    """The CI rows in float64 (``benchmarks/mini/table1-fp64.yaml``), seed 42: after ``mini_run``, which made
+    the miniature in this module's cache."""
+    results = tmp_path_factory.mktemp("results-fp64")
+    lm = load_manifest(MINI_FP64)
+    return lm, results, run_manifest(lm, str(results), only=CI_CELLS, progress=False)
+
+
+def test_float64_ci_rows_match_their_stored_numbers_to_the_floor_on_any_thread_count_or_torch(mini_run_fp64):
+    """In float64 a cell's numbers do not move with the thread count or the torch version (mini-signal.md,
+    figure 6), so its stored record's bands are the rule's floors (0.3 mIoU, 1 point of a class's IoU) and
+    every class is compared: a method's change shows up as a number, on one seed."""
+    lm, results, outcome = mini_run_fp64
+    assert [s for _, s in outcome] == ["done"] * len(CI_CELLS)
+    stored = ROOT / "results" / "regression" / "mini-table1-fp64.json"
+    problems, compared, _ = regression.check_report(lm, results, stored, only=CI_CELLS)
+    assert not problems, "\n".join(problems)
+    record = json.loads(stored.read_text())
+    ci_rows = {f"{c.backbone}--{c.row}" for c in select_cells(lm.cells(), CI_CELLS)}
+    assert record["spread_from"] and ci_rows <= set(record["rows"])
+    assert compared == sum(len(t) for name in ci_rows for t in record["rows"][name]["targets"].values())
+    # stored from measured environments that moved nothing, so more classes are compared than in float32
+    fp32 = json.loads((ROOT / "results" / "regression" / "mini-table1.json").read_text())
+    for name, row in record["rows"].items():
+        assert all(e["sigma"] < 1e-6 for t in row["targets"].values() for e in t.values()), name
+        assert sum(map(len, row["targets"].values())) > sum(map(len, fp32["rows"][name]["targets"].values())), name
 
 
 def test_regression_check_notices_a_number_beyond_its_band(mini_run, tmp_path):

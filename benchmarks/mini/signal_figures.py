@@ -21,6 +21,9 @@ already finished are reused, so after the main job this runs only what it adds):
    cell's average moves (target: at most 0.5).
 5. Figures 3 and 4 again on the miniature with shuffled looks (``looks-shuffled-table1.yaml``), for
    the two families whose pretraining is worth most there: whether that miniature is a steadier instrument.
+6. Figures 3 and 4 again with the cells trained and evaluated in float64 (``table1-fp64.yaml``,
+   ``train.precision: fp64``): whether the environment spread is float32 rounding, and what float64 costs
+   (each cell's ``wall_time_s`` beside the float32 cell's, and the whole grid's when both have run).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ LOOKS_MANIFESTS = ("looks-shuffled", "looks-shuffled-random", "looks-shuffled-pr
 #: figure 5: the spread figures again on the shuffled-looks miniature, for the families pretraining helps most there
 LOOKS_TABLE1 = MINI / "looks-shuffled-table1.yaml"
 LOOKS_SPREAD_BACKBONES = ("eva02-tiny", "mae-tiny")
+#: figure 6: the mini Table 1 grid in float64
+FP64_TABLE1 = MINI / "table1-fp64.yaml"
 
 
 def _run(python: str, manifest: Path, results: Path, only: list[str], extra: list[str] = ()) -> None:
@@ -180,9 +185,34 @@ def _env_spread_lines(rows: list[dict], threads: Path, other: Path | None, manif
                 worst[name] = max(worst[name], abs(v - base))
                 cells.append(f"{v:.2f} ({v - base:+.2f})")
             lines.append(f"| {b} {row} | {base:.2f} | " + " | ".join(cells) + " |")
-    lines += [""] + [f"Largest move with {name}: {w:.2f}." for name, w in worst.items()]
+    lines += [""] + [f"Largest move with {name}: {w:.2f}" + (f" (exactly {w:.1e})." if w < 0.005 else ".")
+                     for name, w in worst.items()]
     if other is None:
         lines.append("Another torch minor version: not measured in this run (give --other-python).")
+    return lines + [""]
+
+
+def _fp64_cost_lines(fp32_rows: list[dict], fp64_rows: list[dict], backbones: tuple[str, ...]) -> list[str]:
+    """What float64 costs: each spread cell's wall time (seed 42, one thread, two cells at once) in float32
+    and float64, and the whole seed-42 grid's summed cell time when both grids have run."""
+    def times(rows: list[dict]) -> dict[tuple[str, str], float]:
+        return {(r["backbone"], r["row"]): r["wall_time_s"] for r in rows if r["seed"] == 42}
+
+    t32, t64 = times(fp32_rows), times(fp64_rows)
+    lines = ["| cell | float32 (s) | float64 (s) | ratio |", "| --- | --- | --- | --- |"]
+    for b in backbones:
+        for row in SPREAD_ROWS:
+            a, c = t32.get((b, row)), t64.get((b, row))
+            if a and c:
+                lines.append(f"| {b} {row} | {a:.0f} | {c:.0f} | {c / a:.2f} |")
+    both = t32.keys() & t64.keys()
+    if len(t64) == len(t32) and both == t32.keys():
+        a, c = sum(t32[k] for k in both), sum(t64[k] for k in both)
+        lines += ["", f"The whole grid ({len(both)} cells, seed 42): {a / 60:.1f} cell-minutes in float32, {c / 60:.1f} "
+                      f"in float64 ({c / a:.2f}x)."]
+    else:
+        lines += ["", f"The whole float64 grid has not run ({len(t64)} of {len(t32)} cells): "
+                      "`fishertune run benchmarks/mini/table1-fp64.yaml`."]
     return lines + [""]
 
 
@@ -209,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         _run(here, manifest, results, ["*--freeze--*"], ["--seeds", "3"])
     threads = results.parent / f"{results.name}-threads2"
     other = results.parent / f"{results.name}-other-torch" if args.other_python else None
-    for manifest, backbones in ((table1, SPREAD_BACKBONES), (LOOKS_TABLE1, LOOKS_SPREAD_BACKBONES)):
+    for manifest, backbones in ((table1, SPREAD_BACKBONES), (LOOKS_TABLE1, LOOKS_SPREAD_BACKBONES),
+                                (FP64_TABLE1, SPREAD_BACKBONES)):
         cells = [f"{b}--{r}--*" for b in backbones for r in SPREAD_ROWS]
         _run(here, manifest, results, cells, ["--seeds", "3"])
         _run(here, manifest, threads, cells, ["--threads", "2", "--jobs", "1"])
@@ -257,6 +288,16 @@ def main(argv: list[str] | None = None) -> int:
               "whose pretraining is worth most there (figure 1c), from `benchmarks/mini/looks-shuffled-table1.yaml`.", ""]
     lines += _seed_spread_lines(looks_rows, LOOKS_SPREAD_BACKBONES)
     lines += _env_spread_lines(looks_rows, threads, other, LOOKS_TABLE1, LOOKS_SPREAD_BACKBONES)
+    fp64_rows = _results(results, FP64_TABLE1)
+    lines += ["## 6. Seed and environment spread in float64", "",
+              "Figures 3 and 4 for the same cells trained and evaluated in float64 (`benchmarks/mini/table1-fp64.yaml`, "
+              "`train.precision: fp64`, fishertune/precision.py): the same protocol, data, models and seeds; only the "
+              "dtype differs. The environment spread of figure 4 is float32 rounding that the short training "
+              "amplifies; float64 makes the same rounding differences 2^29 times smaller.", ""]
+    lines += _seed_spread_lines(fp64_rows, SPREAD_BACKBONES)
+    lines += _env_spread_lines(fp64_rows, threads, other, FP64_TABLE1, SPREAD_BACKBONES)
+    lines += ["What it costs, per cell (`wall_time_s`; one thread, two cells at once):", ""]
+    lines += _fp64_cost_lines(main_rows, fp64_rows, SPREAD_BACKBONES)
     out = Path(args.out)
     atomic_write_text(out, "\n".join(lines) + "\n")  # the runner's writer: a killed run leaves the old report
     print(f"wrote {out}")
