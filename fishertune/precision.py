@@ -2,19 +2,21 @@
 
 ``fp64`` exists for the miniature, measured (``results/perf/mini-signal.md``, figure 6): a tiny model
 trained for a few hundred steps from a handful of images turns the last bit of a float32 sum into a
-whole mIoU point. The thread count (how a CPU reduction splits its sums), the torch version and the
-CPU's vector width all change those bits, and every near-tie of a discrete step (Hungarian matching,
-the point sampling's top-k, an arg-max) then sends the run elsewhere. In float64 the same differences
-are 2^29 times smaller and no longer reach the numbers: a cell gives the same mIoU with 1 or 2 threads
-and under another torch minor version. It costs about 1.6x the time on a CPU; it is not a setting for
-full-size models (the paper trains in fp32; a GPU's fp64 is slow and changes nothing there).
+whole mIoU point. The thread count (how a CPU reduction splits its sums) and the torch version change
+those bits (measured; another CPU's vector width should too, not measured), and every near-tie of a
+discrete step (Hungarian matching, the point sampling's top-k, an arg-max) then sends the run
+elsewhere. In float64 the same differences are 2^29 times smaller and, measured, no longer reach the
+numbers: a mini cell gives the same IoU for every class with 1 or 2 threads and under torch 2.12.1,
+2.13.0 and 2.14.1 (a loss can still differ in its last bit). It costs 1.72x the CPU time over the mini
+Table 1 grid (1.49-1.85x per cell). It is the miniature's setting: the paper's protocol is fp32.
 
 How it works: the cell runs with ``torch.get_default_dtype()`` set to float64 (:func:`compute_dtype`),
 so the backbone, the head and every module a method adds are built in float64 (pretrained files are
 converted as they are loaded), and the code that used to write ``.float()`` (upcasting bf16 results
 for a loss, a cost matrix or an estimate) writes :func:`to_compute` instead: the default dtype, so
 float32 in fp32 and bf16 cells exactly as before, float64 in fp64 cells. Images leave the data
-pipeline as float32 and are converted where they enter the model (training and evaluation).
+pipeline as float32 and are converted where they enter the model (training, evaluation, and the
+source passes of FisherTune's and ChildTune's estimates).
 """
 
 from __future__ import annotations

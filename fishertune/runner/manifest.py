@@ -96,7 +96,7 @@ class TrainConfig(Strict):
     precision: Literal["fp32", "bf16", "fp64"] = Field(
         "fp32", description="fp32 (Rein); bf16 autocast of forward and loss, in training and evaluation (weights and "
         "optimizer fp32); or fp64: everything in float64, so that a tiny model's numbers no longer depend on the "
-        "thread count or the torch version (about 1.6x the CPU time; fishertune/precision.py)")
+        "thread count or the torch version (about 1.7x the CPU time; fishertune/precision.py)")
 
     @model_validator(mode="after")
     def _sizes(self) -> "TrainConfig":

@@ -44,10 +44,10 @@ import torch
 from fishertune.backbones import BACKBONES, build_backbone
 from fishertune.backbones.registry import weights_path
 from fishertune.backbones.weights import file_sha256
-from fishertune.precision import compute_dtype
 from fishertune.data import NUM_CLASSES
 from fishertune.errors import UserError
 from fishertune.heads import build_head
+from fishertune.precision import compute_dtype
 from fishertune.runner.data import cache_dir
 from fishertune.runner.store import MODEL_CARD, atomic_write, atomic_write_text, iter_results, read_result
 from fishertune.segmentor import Segmentor
