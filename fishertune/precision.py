@@ -3,9 +3,9 @@
 ``fp64`` exists for the miniature, measured (``results/perf/mini-signal.md``, figure 6): a tiny model
 trained for a few hundred steps from a handful of images turns the last bit of a float32 sum into a
 whole mIoU point. The thread count (how a CPU reduction splits its sums) and the torch version change
-those bits (measured; another CPU's vector width should too, not measured), and every near-tie of a
-discrete step (Hungarian matching, the point sampling's top-k, an arg-max) then sends the run
-elsewhere. In float64 the same differences are 2^29 times smaller and, measured, no longer reach the
+those bits (measured; another CPU's vector width should too, not measured), and the run then goes
+elsewhere (presumably at near-ties of its discrete steps: the Hungarian matching, the point sampling's
+top-k, arg-maxes; not isolated). In float64 the same differences are 2^29 times smaller and, measured, no longer reach the
 numbers: a mini cell gives the same IoU for every class with 1 or 2 threads and under torch 2.12.1,
 2.13.0 and 2.14.1 (a loss can still differ in its last bit). It costs 1.72x the CPU time over the mini
 Table 1 grid (1.49-1.85x per cell). It is the miniature's setting: the paper's protocol is fp32.
