@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextmanager
+def _linear_output_dtypes():
+    seen: dict[str, set] = {"train": set(), "eval": set()}
+
+    def hook(module, args, out):
+        if isinstance(module, torch.nn.Linear) and isinstance(out, torch.Tensor):
+            seen["train" if module.training else "eval"].add(out.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@pytest.fixture
+def linear_dtypes():
+    """``with linear_dtypes() as seen:``: the output dtypes of every Linear layer that runs in the block, in
+    training and in evaluation (``seen["train"]``, ``seen["eval"]``): what precision a cell really computes in."""
+    return _linear_output_dtypes

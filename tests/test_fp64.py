@@ -49,30 +49,20 @@ def test_to_compute_is_what_float_was_in_fp32_cells():
     assert isinstance(autocast(torch.device("cpu"), "fp64"), type(autocast(torch.device("cpu"), "fp32")))
 
 
-def _run(mini_manifest, tmp_path: Path, name: str, threads: int, seen: dict | None = None) -> dict[str, dict]:
+def _run(mini_manifest, tmp_path: Path, name: str, threads: int) -> dict[str, dict]:
     manifest = mini_manifest("fp64", f"methods: [{', '.join(METHODS)}]\ntargets: [cityscapes]\n"
                                      f"method_configs: {{fishertune: {{estimator: direct, images: 4, cache: false}}}}\n"
                                      f"train: {{iterations: {STEPS}, precision: fp64}}\n"
                                      f"execution: {{log_every: 1, threads: {threads}}}\n")
-    handle = None
-    if seen is not None:
-        def hook(module, args, out):
-            if isinstance(module, torch.nn.Linear) and isinstance(out, torch.Tensor):
-                seen["train" if module.training else "eval"].add(out.dtype)
-
-        handle = torch.nn.modules.module.register_module_forward_hook(hook)
-    try:
-        assert main(["run", str(manifest), "--results", str(tmp_path / name), "--no-render"]) == 0
-    finally:
-        if handle is not None:
-            handle.remove()
+    assert main(["run", str(manifest), "--results", str(tmp_path / name), "--no-render"]) == 0
     return {r["row"]: r | {"path": p} for p in (tmp_path / name).glob("*/*.json")
             for r in [json.loads(p.read_text())]}
 
 
-def test_an_fp64_cell_computes_in_float64_and_gives_the_same_numbers_with_1_and_2_threads(tmp_path, mini_manifest):
-    seen = {"train": set(), "eval": set()}
-    one = _run(mini_manifest, tmp_path, "t1", 1, seen)
+def test_an_fp64_cell_computes_in_float64_and_gives_the_same_numbers_with_1_and_2_threads(tmp_path, mini_manifest,
+                                                                                         linear_dtypes):
+    with linear_dtypes() as seen:
+        one = _run(mini_manifest, tmp_path, "t1", 1)
     two = _run(mini_manifest, tmp_path, "t2", 2)
     assert seen == {"train": {torch.float64}, "eval": {torch.float64}}
     assert torch.get_default_dtype() == torch.float32  # the run left the process as it found it

@@ -156,7 +156,7 @@ def test_a_training_step_waits_for_the_device_only_for_the_matching():
     assert not problems, problems
 
 
-def _cell_dtypes(tmp_path, mini_manifest, precision: str) -> tuple[dict, dict[str, set]]:
+def _cell_dtypes(tmp_path, mini_manifest, linear_dtypes, precision: str) -> tuple[dict, dict[str, set]]:
     """Run a mini cell (dinov2-tiny, full fine-tuning, the mini Mask2Former) through `fishertune run`, recording
     the output dtypes of every Linear layer in training and in evaluation; returns (result, dtypes)."""
     from fishertune.cli import main
@@ -164,17 +164,8 @@ def _cell_dtypes(tmp_path, mini_manifest, precision: str) -> tuple[dict, dict[st
     # one thread: the mini protocol's two spin against each other when the machine is busy (minutes, not seconds)
     manifest = mini_manifest(f"cell-{precision}", f"methods: [full]\ntrain: {{iterations: {BF16_STEPS}, "
                                                   f"precision: {precision}}}\nexecution: {{log_every: 2, threads: 1}}\n")
-    seen: dict[str, set] = {"train": set(), "eval": set()}
-
-    def hook(module, args, out):
-        if isinstance(module, torch.nn.Linear) and isinstance(out, torch.Tensor):
-            seen["train" if module.training else "eval"].add(out.dtype)
-
-    handle = torch.nn.modules.module.register_module_forward_hook(hook)
-    try:
+    with linear_dtypes() as seen:
         assert main(["run", str(manifest), "--results", str(tmp_path / precision), "--no-render"]) == 0
-    finally:
-        handle.remove()
     (path,) = (tmp_path / precision).glob("*/*.json")  # the result (its kept model's card lies a level deeper)
     result = json.loads(path.read_text())
     result["predictions_read"] = {Path(p["prediction"]).name: np.array(Image.open(path.parent / p["prediction"]))
@@ -185,7 +176,7 @@ def _cell_dtypes(tmp_path, mini_manifest, precision: str) -> tuple[dict, dict[st
 BF16_STEPS = 12
 
 
-def test_a_bf16_cell_trains_and_evaluates_in_bf16_within_tolerance_of_fp32(tmp_path, mini_manifest):
+def test_a_bf16_cell_trains_and_evaluates_in_bf16_within_tolerance_of_fp32(tmp_path, mini_manifest, linear_dtypes):
     """A whole mini cell (training, then evaluation of the three targets) under ``train.precision: bf16``
     against the same cell in fp32: every Linear layer computes in bf16 in both, the numbers stay close. Measured
     (12 steps, one thread): logged losses within 0.51% of fp32's, mIoU per target within 0.24 points, the saved
@@ -194,8 +185,8 @@ def test_a_bf16_cell_trains_and_evaluates_in_bf16_within_tolerance_of_fp32(tmp_p
     steps its 19 classes' logits are within bf16's rounding of each other on many pixels. Allowed: 3%, 2 points
     and 60% (bf16 keeps 8 bits of mantissa; a cell that is not computing what fp32 does agrees on about
     1/19 of the pixels)."""
-    fp32, dtypes32 = _cell_dtypes(tmp_path, mini_manifest, "fp32")
-    bf16, dtypes16 = _cell_dtypes(tmp_path, mini_manifest, "bf16")
+    fp32, dtypes32 = _cell_dtypes(tmp_path, mini_manifest, linear_dtypes, "fp32")
+    bf16, dtypes16 = _cell_dtypes(tmp_path, mini_manifest, linear_dtypes, "bf16")
     assert dtypes32 == {"train": {torch.float32}, "eval": {torch.float32}}
     assert dtypes16 == {"train": {torch.bfloat16}, "eval": {torch.bfloat16}}
     assert bf16["config"]["train"]["precision"] == "bf16" and bf16["cell_id"] != fp32["cell_id"]
