@@ -192,20 +192,29 @@ def _env_spread_lines(rows: list[dict], threads: Path, other: Path | None, manif
     return lines + [""]
 
 
-def _fp64_cost_lines(fp32_rows: list[dict], fp64_rows: list[dict], backbones: tuple[str, ...]) -> list[str]:
-    """What float64 costs: each spread cell's wall time (seed 42, one thread, two cells at once) in float32
-    and float64, and the whole seed-42 grid's summed cell time when both grids have run."""
+def _fp64_lines(fp32_rows: list[dict], fp64_rows: list[dict], backbones: tuple[str, ...]) -> list[str]:
+    """How far float64 moves the seed-42 cells from their float32 values, and what it costs: each spread cell's
+    wall time (one thread, two cells at once) in both, and the whole grid's summed cell time when both ran."""
     def times(rows: list[dict]) -> dict[tuple[str, str], float]:
         return {(r["backbone"], r["row"]): r["wall_time_s"] for r in rows if r["seed"] == 42}
 
     t32, t64 = times(fp32_rows), times(fp64_rows)
-    lines = ["| cell | float32 (s) | float64 (s) | ratio |", "| --- | --- | --- | --- |"]
+    lines = ["What it costs, per cell (`wall_time_s`; one thread, two cells at once):", "",
+             "| cell | float32 (s) | float64 (s) | ratio |", "| --- | --- | --- | --- |"]
     for b in backbones:
         for row in SPREAD_ROWS:
             a, c = t32.get((b, row)), t64.get((b, row))
             if a and c:
                 lines.append(f"| {b} {row} | {a:.0f} | {c:.0f} | {c / a:.2f} |")
     both = t32.keys() & t64.keys()
+    avg32, avg64 = ({(r["backbone"], r["row"]): r["aggregate"]["miou"] for r in rows if r["seed"] == 42}
+                    for rows in (fp32_rows, fp64_rows))
+    moves = [avg64[k] - avg32[k] for k in sorted(avg32.keys() & avg64.keys())]
+    if len(moves) > 1:
+        best = max(avg64, key=avg64.get)
+        lines = [f"Float64 minus float32, average mIoU of the {len(moves)} cells both grids ran with seed 42: mean "
+                 f"{statistics.fmean(moves):+.2f}, standard deviation {statistics.stdev(moves):.2f}, largest "
+                 f"{max(moves, key=abs):+.2f}. The best float64 cell: {best[0]} {best[1]}, {avg64[best]:.1f}.", ""] + lines
     if len(t64) == len(t32) and both == t32.keys():
         a, c = sum(t32[k] for k in both), sum(t64[k] for k in both)
         lines += ["", f"The whole grid ({len(both)} cells, seed 42): {a / 60:.1f} cell-minutes in float32, {c / 60:.1f} "
@@ -296,8 +305,7 @@ def main(argv: list[str] | None = None) -> int:
               "amplifies; float64 makes the same rounding differences 2^29 times smaller.", ""]
     lines += _seed_spread_lines(fp64_rows, SPREAD_BACKBONES)
     lines += _env_spread_lines(fp64_rows, threads, other, FP64_TABLE1, SPREAD_BACKBONES)
-    lines += ["What it costs, per cell (`wall_time_s`; one thread, two cells at once):", ""]
-    lines += _fp64_cost_lines(main_rows, fp64_rows, SPREAD_BACKBONES)
+    lines += _fp64_lines(main_rows, fp64_rows, SPREAD_BACKBONES)
     out = Path(args.out)
     atomic_write_text(out, "\n".join(lines) + "\n")  # the runner's writer: a killed run leaves the old report
     print(f"wrote {out}")
