@@ -102,14 +102,3 @@ def test_an_fp64_kept_model_predicts_exactly_what_its_cell_saved(tmp_path, mini_
             with Image.open(out / f"{Path(rec['image']).stem}_trainid.png") as im:
                 assert (np.array(im) == expected).all(), (row, rec["image"])
     assert torch.get_default_dtype() == torch.float32
-
-
-def test_the_fp64_mini_grid_is_table1s_grid_in_float64():
-    """``benchmarks/mini/table1-fp64.yaml`` repeats table1.yaml's grid (one level of include): the same cells,
-    configs equal but for the precision, so figure 6 of mini-signal.md compares like with like."""
-    mini = Path(__file__).resolve().parents[1] / "benchmarks" / "mini"
-    fp32, fp64 = load_manifest(mini / "table1.yaml").cells(), load_manifest(mini / "table1-fp64.yaml").cells()
-    assert [(c.backbone, c.row, c.seed) for c in fp32] == [(c.backbone, c.row, c.seed) for c in fp64]
-    for a, b in zip(fp32, fp64):
-        assert b.config["train"].pop("precision") == "fp64" and "precision" not in a.config["train"]
-        assert a.config == b.config and a.id != b.id

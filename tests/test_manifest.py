@@ -182,6 +182,20 @@ def test_every_shipped_manifest_loads_and_expands(path):
     assert cells and len({c.id for c in cells}) == len(cells)
 
 
+
+@pytest.mark.parametrize("name, key, value", [("table1-fp64.yaml", "precision", "fp64"),
+                                              ("signal-budget100.yaml", "iterations", 100)])
+def test_copies_of_the_mini_table1_grid_differ_from_it_in_their_one_setting(name, key, value):
+    """The mini manifests that repeat table1.yaml's grid (one level of include) to change one training setting:
+    the same cells, configs equal but for that setting, ids of their own, so mini-signal.md's figures 6 (float64)
+    and 7 (100 iterations) compare like with like. A protocol change made to one file and not the other fails."""
+    mini = Path(__file__).resolve().parents[1] / "benchmarks" / "mini"
+    base, copy = load_manifest(mini / "table1.yaml").cells(), load_manifest(mini / name).cells()
+    assert [(c.backbone, c.row, c.seed) for c in base] == [(c.backbone, c.row, c.seed) for c in copy]
+    for a, b in zip(base, copy):
+        assert b.config["train"].pop(key) == value and a.config["train"].pop(key, None) != value
+        assert a.config == b.config and a.id != b.id
+
 def test_table2_manifests_carry_reins_two_protocols():
     root = Path(__file__).resolve().parents[1] / "benchmarks"
     m512 = load_manifest(root / "table2.yaml").manifest
