@@ -13,7 +13,8 @@ already finished are reused, so after the main job this runs only what it adds):
    again on the miniature with its classes' looks shuffled (``looks-shuffled*.yaml``: each image gives
    its classes one another's colour and texture, the labels unchanged): what the frozen features are
    worth once a patch's look no longer tells its class.
-2. **Signal**: the best cell of the mini Table 1 (target: an average mIoU of at least 35).
+2. **Signal**: the best cell of the mini Table 1 (target: an average mIoU of at least 35), and how many
+   classes the main job's cells predict (issue 16: its qualitative plots should show more than four).
 3. **Seed spread**: the standard deviation over 3 seeds of the average mIoU of full, freeze and
    fishertune on two families (target: at most 1.0).
 4. **Environment spread**: the same cells (seed 42) with 1 and with 2 CPU threads, and with another
@@ -154,6 +155,34 @@ def _looks_lines(rows: dict[str, list[dict]]) -> list[str]:
     summary = [f"With shuffled looks, {name} ratio at or above 2: {sum(x >= TARGETS['ratio'] for x in valid)} of "
                f"{len(valid)} (mean {statistics.fmean(valid):.2f})." for name, valid in ratios.items() if valid]
     return lines + ["", " ".join(summary), ""]
+
+
+def _predicted_classes_lines(rows: list[dict], folder: Path) -> list[str]:
+    """How many of the 19 classes the main job's cells predict: over every evaluation image (the columns of
+    each target's confusion matrix with a pixel), and on the images each cell keeps (``<cell>.pred/``, the
+    qualitative plots' images), beside how many the labels of the evaluation images hold."""
+    import numpy as np
+    from PIL import Image
+
+    def spread(values: list[int]) -> str:
+        return f"{min(values)}-{max(values)} (median {statistics.median(values):g})"
+
+    evaluated, kept, present = [], [], []
+    for r in rows:
+        confusion = {t: np.asarray(v["confusion"]) for t, v in r["targets"].items()}
+        evaluated.append(int(sum((c.sum(axis=0) > 0) for c in confusion.values()).astype(bool).sum()))
+        present.append(int(sum((c.sum(axis=1) > 0) for c in confusion.values()).astype(bool).sum()))
+        classes: set[int] = set()
+        for recs in r.get("predictions", {}).values():
+            for rec in recs:
+                with Image.open(folder / rec["prediction"]) as im:
+                    classes |= set(np.unique(np.asarray(im)).tolist())
+        kept.append(len(classes - {255}))
+    if not rows:
+        return []
+    return [f"Classes predicted by the {len(rows)} cells of the main job (seed 42), of the {present[0]} the evaluation "
+            f"labels hold: on all evaluation images {spread(evaluated)}; on the images each cell keeps for the "
+            f"qualitative plots {spread(kept)}.", ""]
 
 
 def _seed_spread_lines(rows: list[dict], backbones: tuple[str, ...]) -> list[str]:
@@ -352,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["## 2. The best mini Table 1 cell (target: >= 35)", "",
               f"{best['backbone']} {best['row']}: average mIoU {best['aggregate']['miou']:.1f} "
               "(" + ", ".join(f"{t} {v['miou']:.1f}" for t, v in best["targets"].items()) + ").", ""]
+    lines += _predicted_classes_lines([r for r in main_rows if r["seed"] == 42], results / "mini-table1")
 
     lines += ["## 3. Seed spread: standard deviation of the average mIoU over 3 seeds (target: <= 1.0)", ""]
     lines += _seed_spread_lines(main_rows, SPREAD_BACKBONES)
