@@ -19,12 +19,18 @@ ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "benchmarks" / "mini" / "table1.yaml"
 MINI_FP64 = ROOT / "benchmarks" / "mini" / "table1-fp64.yaml"
 
-#: the rows CI runs, each with 3 seeds (CI's time allows 18 of the mini table's cells): on SAM, whose
+#: the rows CI runs in float64 on seed 42 against their floor bands (mini-table1-fp64.json): on SAM, whose
 #: windowed blocks take the token methods' most particular path, full, freeze, LoRA, Rein and FisherTune
-#: (the rows the planted faults of benchmarks/mini/faults.py touch), and DINOv2 frozen;
-#: `fishertune run benchmarks/mini/table1.yaml` and `fishertune regression check` cover every cell
-CI_CELLS = ["sam-tiny--full--*", "sam-tiny--freeze--*", "sam-tiny--lora--*", "sam-tiny--rein--*",
-            "sam-tiny--fishertune--*", "dinov2-tiny--freeze--*"]
+#: (the rows the planted faults of benchmarks/mini/faults.py touch: all six flagged there, against 5 by the
+#: float32 bands), and DINOv2 frozen
+FP64_CI_CELLS = ["sam-tiny--full--*", "sam-tiny--freeze--*", "sam-tiny--lora--*", "sam-tiny--rein--*",
+                 "sam-tiny--fishertune--*", "dinov2-tiny--freeze--*"]
+#: the rows CI runs in float32, the main job's precision, with 3 seeds against their measured bands
+#: (mini-table1.json): full, freeze and FisherTune on SAM and DINOv2 frozen, 12 cells. LoRA and Rein left the
+#: float32 rows when CI neared its 30 minutes (28 min 55 s of tests on 2026-12-06); the float64 rows keep
+#: them, with a check that flags more. `fishertune run benchmarks/mini/table1.yaml` and `fishertune
+#: regression check` cover every cell
+CI_CELLS = ["sam-tiny--full--*", "sam-tiny--freeze--*", "sam-tiny--fishertune--*", "dinov2-tiny--freeze--*"]
 CI_SEEDS = 3
 
 
@@ -49,7 +55,7 @@ def test_every_cell_runs_and_records_what_design_asks(mini_run):
     lm, results, outcome = mini_run
     ran = select_cells(lm.cells(), CI_CELLS)
     assert [s for _, s in outcome] == ["done"] * len(ran)
-    assert {c.method for c in ran} == {"full", "freeze", "lora", "rein", "fishertune"}
+    assert {c.method for c in ran} == {"full", "freeze", "fishertune"}
     assert len(ran) == len(CI_CELLS) * CI_SEEDS and len({c.seed for c in ran}) == CI_SEEDS
     for cell in ran:
         r = json.loads((results / lm.manifest.name / f"{cell.id}.json").read_text())
@@ -102,7 +108,7 @@ def mini_run_fp64(tmp_path_factory, mini_run):
     the miniature in this module's cache."""
     results = tmp_path_factory.mktemp("results-fp64")
     lm = load_manifest(MINI_FP64)
-    return lm, results, run_manifest(lm, str(results), only=CI_CELLS, progress=False)
+    return lm, results, run_manifest(lm, str(results), only=FP64_CI_CELLS, progress=False)
 
 
 def test_float64_ci_rows_match_their_stored_numbers_within_the_floor_bands(mini_run_fp64):
@@ -110,12 +116,12 @@ def test_float64_ci_rows_match_their_stored_numbers_within_the_floor_bands(mini_
     mini-signal.md figure 6, README "Regression numbers"), so the stored record's bands are the rule's floors
     (0.3 mIoU, 1 point of a class's IoU) and every class is compared, on one seed."""
     lm, results, outcome = mini_run_fp64
-    assert [s for _, s in outcome] == ["done"] * len(CI_CELLS)
+    assert [s for _, s in outcome] == ["done"] * len(FP64_CI_CELLS)
     stored = ROOT / "results" / "regression" / "mini-table1-fp64.json"
-    problems, compared, _ = regression.check_report(lm, results, stored, only=CI_CELLS)
+    problems, compared, _ = regression.check_report(lm, results, stored, only=FP64_CI_CELLS)
     assert not problems, "\n".join(problems)
     record = json.loads(stored.read_text())
-    ci_rows = {f"{c.backbone}--{c.row}" for c in select_cells(lm.cells(), CI_CELLS)}
+    ci_rows = {f"{c.backbone}--{c.row}" for c in select_cells(lm.cells(), FP64_CI_CELLS)}
     assert record["spread_from"] and ci_rows <= set(record["rows"])
     assert compared == sum(len(t) for name in ci_rows for t in record["rows"][name]["targets"].values())
     # stored from measured environments that moved nothing, so more classes are compared than in float32
@@ -168,7 +174,7 @@ def test_render_writes_markdown_and_latex_naming_the_miniature(mini_run, tmp_pat
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| Backbone")]
     assert "reference" in next(line for line in rows if line.startswith("| sam-tiny"))
     tested = [line for line in rows if "within noise" in line or "significant" in line]
-    assert len(tested) == 4  # SAM's freeze, LoRA, Rein and FisherTune rows, 3 seeds each
+    assert len(tested) == 2  # SAM's freeze and FisherTune rows, 3 seeds each
 
 
 def test_same_seed_gives_identical_per_class_iou(tmp_path, mini_manifest):
