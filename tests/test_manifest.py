@@ -182,7 +182,6 @@ def test_every_shipped_manifest_loads_and_expands(path):
     assert cells and len({c.id for c in cells}) == len(cells)
 
 
-
 @pytest.mark.parametrize("name, key, value", [("table1-fp64.yaml", "precision", "fp64"),
                                               ("signal-budget100.yaml", "iterations", 100)])
 def test_copies_of_the_mini_table1_grid_differ_from_it_in_their_one_setting(name, key, value):
