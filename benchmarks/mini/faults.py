@@ -61,6 +61,12 @@ FAULTS = (
 )
 
 
+def _usage_error(message: str) -> None:
+    """Bad input: one line on stderr and exit code 2, nothing run or written."""
+    print(f"faults.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def manifest_of(record: dict) -> Path:
     """The mini manifest a stored record was made from (its ``manifest`` names the manifest's ``name``)."""
     from fishertune.runner.manifest import load_manifest
@@ -68,7 +74,8 @@ def manifest_of(record: dict) -> Path:
     for path in sorted(MINI.glob("*.yaml")):
         if path.name != "protocol.yaml" and load_manifest(path).manifest.name == record["manifest"]:
             return path
-    raise SystemExit(f"no manifest under {MINI} is named {record['manifest']!r}, which the stored record names")
+    _usage_error(f"no manifest under {MINI} is named {record.get('manifest')!r}, which the stored record names; "
+                 "give --stored a record made by `fishertune regression update` from a mini manifest")
 
 
 def plant(name: str) -> None:
@@ -213,7 +220,14 @@ def main(argv: list[str] | None = None) -> int:
 
     stored_path = Path(args.stored).resolve()
     shown = _shown(stored_path)
-    stored = json.loads(stored_path.read_text())
+    try:
+        stored = json.loads(stored_path.read_text())
+    except (OSError, ValueError) as e:
+        _usage_error(f"cannot read the stored record {args.stored}: {e}; give --stored a regression record "
+                     "such as results/regression/mini-table1.json")
+    unknown = sorted(set(args.only or ()) - {f.name for f in FAULTS})
+    if unknown:
+        _usage_error(f"unknown fault(s) {', '.join(unknown)} in --only; known: {', '.join(f.name for f in FAULTS)}")
     manifest = manifest_of(stored)
     seeds = max(len(r["cells"]) for r in stored["rows"].values())
     faults = [f for f in FAULTS if not args.only or f.name in args.only]
