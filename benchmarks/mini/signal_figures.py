@@ -185,17 +185,24 @@ def _predicted_classes_lines(rows: list[dict], folder: Path) -> list[str]:
             f"qualitative plots {spread(kept)}.", ""]
 
 
+def _seed_spread(rows: list[dict], backbones: tuple[str, ...]) -> list[tuple[str, str, list[float], float]]:
+    """Each spread cell's average mIoU over seeds 42-44 (those finished) and their standard deviation."""
+    out = []
+    for b in backbones:
+        for row in SPREAD_ROWS:
+            values = [v for v in (_avg(rows, b, row, s) for s in (42, 43, 44)) if v is not None]
+            out.append((b, row, values, statistics.stdev(values) if len(values) > 1 else float("nan")))
+    return out
+
+
 def _seed_spread_lines(rows: list[dict], backbones: tuple[str, ...]) -> list[str]:
     """Figure 3's table: each spread cell's average mIoU over seeds 42-44 and their standard deviation."""
     lines = ["| cell | seeds 42, 43, 44 | mean | std |", "| --- | --- | --- | --- |"]
     stds = []
-    for b in backbones:
-        for row in SPREAD_ROWS:
-            values = [v for v in (_avg(rows, b, row, s) for s in (42, 43, 44)) if v is not None]
-            sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-            stds.append(sd)
-            lines.append(f"| {b} {row} | {', '.join(f'{v:.2f}' for v in values)} | {statistics.fmean(values):.2f} | "
-                         f"{sd:.2f} |")
+    for b, row, values, sd in _seed_spread(rows, backbones):
+        stds.append(sd)
+        lines.append(f"| {b} {row} | {', '.join(f'{v:.2f}' for v in values)} | {statistics.fmean(values):.2f} | "
+                     f"{sd:.2f} |")
     return lines + ["", f"Largest: {max(stds):.2f}.", ""]
 
 
@@ -278,13 +285,7 @@ def _budget_lines(main_rows: list[dict], random_rows: list[dict], short_rows: li
         return f"{cells[k]['aggregate']['miou']:.1f} ({k[0]} {k[1]})"
 
     def stds(rows: list[dict]) -> list[float]:
-        out = []
-        for b in SPREAD_BACKBONES:
-            for row in SPREAD_ROWS:
-                v = list(_seeds(rows, b, row).values())
-                if len(v) > 1:
-                    out.append(statistics.stdev(v))
-        return out
+        return [sd for *_, sd in _seed_spread(rows, SPREAD_BACKBONES) if sd == sd]  # finished with 2+ seeds
 
     families = sorted({r["backbone"] for r in random_rows} | {r["backbone"] for r in short_random_rows})
     ratios = {name: [_pair(pre, rnd, b)[3] for b in families]
