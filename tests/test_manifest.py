@@ -195,6 +195,26 @@ def test_copies_of_the_mini_table1_grid_differ_from_it_in_their_one_setting(name
         assert b.config["train"].pop(key) == value and a.config["train"].pop(key, None) != value
         assert a.config == b.config and a.id != b.id
 
+
+@pytest.mark.parametrize("name, iterations, pretrained", [("signal-budget400.yaml", 400, True),
+                                                           ("signal-budget800.yaml", 800, True),
+                                                           ("signal-budget1600.yaml", 1600, True),
+                                                           ("signal-budget1600-random.yaml", 1600, False)])
+def test_the_long_budget_manifests_are_main_job_cells_but_for_their_iterations(name, iterations, pretrained):
+    """Figure 8 of mini-signal.md sets these cells beside the main job's own (same family, row and seed): they
+    must be those cells with only ``train.iterations`` changed (and, for the random-init copy, ``pretrained``),
+    or the curve would mix in another change."""
+    mini = Path(__file__).resolve().parents[1] / "benchmarks" / "mini"
+    base = {(c.backbone, c.row, c.seed): c for c in load_manifest(mini / "table1.yaml").cells()}
+    cells = load_manifest(mini / name).cells()
+    assert {(c.backbone, c.row) for c in cells} == {("eva02-tiny", "full"), ("clip-tiny", "full")}
+    for c in cells:
+        a = base[c.backbone, c.row, c.seed]
+        assert c.config["train"].pop("iterations") == iterations and a.config["train"].pop("iterations") == 200
+        assert c.config.pop("pretrained") is pretrained and a.config.pop("pretrained") is True
+        assert a.config == c.config and a.id != c.id
+
+
 def test_table2_manifests_carry_reins_two_protocols():
     root = Path(__file__).resolve().parents[1] / "benchmarks"
     m512 = load_manifest(root / "table2.yaml").manifest
