@@ -329,11 +329,11 @@ def _budget_lines(main_rows: list[dict], random_rows: list[dict], short_rows: li
 
 
 def _long_budget_lines(by_budget: dict[int, list[dict]], random_rows: list[dict], plot: Path | None) -> list[str]:
-    """Figure 8: full fine-tuning's average mIoU (seed 42) against the iterations, and what each budget costs
-    against the protocol's 200. The cost comes from each long-budget cell's own split of its ``wall_time_s``
-    into training (``train.seconds``, so much per iteration) and the rest (building, evaluating), taken at
-    the same moment, so that this machine's drift between cells cancels: the rest is worth ``k`` iterations,
-    and ``n`` iterations cost ``(k + n) / (k + 200)`` of the 200. ``random_rows``: the longest budget's cells
+    """Figure 8: full fine-tuning's average mIoU (seed 42, or the mean over the seeds that ran) against the
+    iterations, and what each budget costs against the protocol's 200. The cost comes from each long-budget
+    cell's own split of its ``wall_time_s`` into training (``train.seconds``, so much per iteration) and the
+    rest (building, evaluating), taken at the same moment, so that this machine's drift between cells
+    cancels: the rest is worth ``k`` iterations, and ``n`` iterations cost ``(k + n) / (k + 200)`` of the 200. ``random_rows``: the longest budget's cells
     from random initialisation, what the pretraining is worth there."""
     budgets = sorted(by_budget)
     cells = {(n, r["backbone"]): r for n in budgets for r in by_budget[n]
