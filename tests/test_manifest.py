@@ -207,8 +207,8 @@ LOOKS_ROWS = {("eva02-tiny", "full"), ("eva02-tiny", "freeze")}
     ("signal-budget1600-random.yaml", "table1.yaml", 1600, False, BEST_ROWS),
     ("looks-shuffled-budget1600.yaml", "looks-shuffled-table1.yaml", 1600, True, LOOKS_ROWS),
     ("looks-shuffled-budget1600-random.yaml", "looks-shuffled-table1.yaml", 1600, False, LOOKS_ROWS)])
-def test_the_long_budget_manifests_are_shorter_cells_but_for_their_iterations(name, base_name, iterations,
-                                                                               pretrained, rows):
+def test_the_long_budget_manifests_are_their_base_cells_but_for_the_iterations(name, base_name, iterations,
+                                                                              pretrained, rows):
     """Figure 8 of mini-signal.md sets these cells beside the 200-iteration cells of their base manifest (same
     family, row and seed): they must be those cells with only ``train.iterations`` changed (and, for the
     random-init copies, ``pretrained``), or the curve would mix in another change."""
