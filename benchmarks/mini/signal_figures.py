@@ -123,23 +123,27 @@ def _seeds(rows: list[dict], backbone: str, row: str) -> dict[int, float]:
             if r["backbone"] == backbone and r["row"] == row and r["seed"] in (42, 43, 44)}
 
 
+def _mean_std(values, count: bool = False) -> str:
+    """'mean +- std' of the values to one decimal ('mean' alone for one value, '-' for none); with ``count``,
+    how many follow when there are several."""
+    v = list(values)
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return f"{v[0]:.1f}"
+    return f"{statistics.fmean(v):.1f} +- {statistics.stdev(v):.1f}" + (f" ({len(v)} seeds)" if count else "")
+
+
 def _pair(pre_rows: list[dict], rnd_rows: list[dict], backbone: str) -> tuple[str, str, str, float | None]:
     """Pretrained and random-init frozen cells over their seeds: 'mean +- std' of each, and the ratio of the
     means with the range of the per-seed ratios (seed s pretrained over seed s random)."""
     pre, rnd = _seeds(pre_rows, backbone, "freeze"), _seeds(rnd_rows, backbone, "freeze")
-
-    def cell(v: dict[int, float]) -> str:
-        if not v:
-            return "-"
-        sd = f" +- {statistics.stdev(v.values()):.1f}" if len(v) > 1 else ""
-        return f"{statistics.fmean(v.values()):.1f}{sd}"
-
     if not pre or not rnd:
-        return cell(pre), cell(rnd), "-", None
+        return _mean_std(pre.values()), _mean_std(rnd.values()), "-", None
     ratio = statistics.fmean(pre.values()) / statistics.fmean(rnd.values())
     per_seed = [pre[s] / rnd[s] for s in sorted(pre.keys() & rnd.keys())]
     spread = f" [{min(per_seed):.2f}, {max(per_seed):.2f}]" if len(per_seed) > 1 else ""
-    return cell(pre), cell(rnd), f"{ratio:.2f}{spread}", ratio
+    return _mean_std(pre.values()), _mean_std(rnd.values()), f"{ratio:.2f}{spread}", ratio
 
 
 def _looks_lines(rows: dict[str, list[dict]]) -> list[str]:
@@ -349,14 +353,11 @@ def _long_budget_lines(by_budget: dict[int, list[dict]], random_rows: list[dict]
     seeds = {(n, b): list(_seeds(by_budget[n], b, "full").values()) for n in budgets for b in LONG_BUDGET_BACKBONES}
     seeds = {key: v for key, v in seeds.items() if v}
 
-    def cell(v: list[float]) -> str:
-        return f"{statistics.fmean(v):.1f} +- {statistics.stdev(v):.1f} ({len(v)} seeds)" if len(v) > 1 else f"{v[0]:.1f}"
-
     lines = ["| iterations | " + " | ".join(f"{b} full" for b in LONG_BUDGET_BACKBONES) + " | a full cell's cost against 200 |",
              "| --- | " + " | ".join("---" for _ in LONG_BUDGET_BACKBONES) + " | --- |"]
     # average mIoU: seed 42, or the mean +- std where more seeds ran (the dots of the plot)
     for n in budgets:
-        got = [cell(seeds[n, b]) if (n, b) in seeds else "-" for b in LONG_BUDGET_BACKBONES]
+        got = [_mean_std(seeds.get((n, b), []), count=True) for b in LONG_BUDGET_BACKBONES]
         cost = f"{(k + n) / (k + 200):.2f}x" if k is not None else "-"
         lines.append(f"| {n} | " + " | ".join(got) + f" | {cost} |")
     lines.append("")
@@ -387,8 +388,8 @@ def _long_budget_lines(by_budget: dict[int, list[dict]], random_rows: list[dict]
         both = sorted(rnd.keys() & pre.keys())
         if both:
             p, r = statistics.fmean(pre[x] for x in both), statistics.fmean(rnd[x] for x in both)
-            lines.append(f"{b} full from random initialisation at {longest} iterations: {cell([rnd[x] for x in both])} "
-                         f"against {cell([pre[x] for x in both])} pretrained (seed{'s' if len(both) > 1 else ''} "
+            lines.append(f"{b} full from random initialisation at {longest} iterations: {_mean_std((rnd[x] for x in both), count=True)} "
+                         f"against {_mean_std((pre[x] for x in both), count=True)} pretrained (seed{'s' if len(both) > 1 else ''} "
                          f"{', '.join(map(str, both))}), so the tiny foundation model is worth {p / r:.2f}x random "
                          "weights there.")
     lines.append("")
@@ -495,6 +496,17 @@ def main(argv: list[str] | None = None) -> int:
         run(here, manifest, threads, cells, ["--threads", "2", "--jobs", "1"])
         if other is not None:
             run(args.other_python, manifest, other, cells)
+
+    if args.no_run:  # the report reads every one of these; without their cells it has nothing to say
+        read = (table1, MINI / "signal-random.yaml", MINI / "probe.yaml", MINI / "probe-random.yaml",
+                *(MINI / f"{stem}.yaml" for stem in LOOKS_MANIFESTS), LOOKS_TABLE1, FP64_TABLE1, BUDGET100,
+                BUDGET100_RANDOM, *(MINI / f"signal-budget{n}.yaml" for n in LONG_BUDGETS), LONG_BUDGET_RANDOM,
+                LOOKS_LONG, LOOKS_LONG_RANDOM)
+        missing = [m.name for m in read if not _results(results, m)]
+        if missing:
+            print(f"signal_figures.py: --no-run, but {results} holds no finished cell of {', '.join(missing)}; "
+                  "run without --no-run to run what is missing", file=sys.stderr)
+            return 2
 
     import torch
 
